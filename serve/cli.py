@@ -1,0 +1,133 @@
+"""`ifserve` command line.
+
+ifserve checkpoints --preset tiny --out checkpoints/tiny
+ifserve generate --checkpoints checkpoints/tiny --prompt "a red bicycle" --seed 1 --out bike.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# Quiet the libraries' import-time notices (e.g. "CLIPImageProcessor requires torchvision") and
+# never reach for the Hugging Face Hub: weights load from local folders or the local cache only.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stages.errors import CheckpointError, InvalidParameter
+from stages.params import TIMESTEP_LISTS
+
+_GENERATION_FLAGS = [
+    # (flag, type, help) - defaults live in GenerationParams, the single source of truth.
+    ("--negative-prompt", str, "negative prompt, used by all three stages"),
+    ("--seed", int, "seed of the generator shared by the three stages (default 0)"),
+    ("--stage1-steps", int, "stage I denoising steps (default 100)"),
+    ("--stage1-timesteps", str, f"stage I named timestep list: {', '.join(sorted(TIMESTEP_LISTS))}"),
+    ("--stage1-guidance", float, "stage I guidance scale (default 7.0)"),
+    ("--stage2-steps", int, "stage II denoising steps (default 50)"),
+    ("--stage2-timesteps", str, "stage II named timestep list"),
+    ("--stage2-guidance", float, "stage II guidance scale (default 4.0)"),
+    ("--stage2-noise-level", int, "stage II noise added to the 64 px image, [0, 1000) (default 250)"),
+    ("--stage3-steps", int, "stage III denoising steps (default 75)"),
+    ("--stage3-guidance", float, "stage III guidance scale (default 9.0)"),
+    ("--stage3-noise-level", int, "stage III noise added to the 256 px image, [0, 350] (default 100)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ifserve", description="Serve the DeepFloyd IF cascade stage by stage.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ck = sub.add_parser("checkpoints", help="write random-weight diffusers checkpoints of a preset")
+    ck.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
+    ck.add_argument("--out", type=Path, required=True, help="folder that receives IF-I, IF-II and x4-upscaler")
+    ck.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ck.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+
+    gen = sub.add_parser("generate", help="generate one image in-process (no Ray)")
+    gen.add_argument("--checkpoints", type=Path, required=True, help="folder with IF-I, IF-II and x4-upscaler")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--size", type=int, choices=[64, 256, 1024], default=1024, help="where the cascade stops")
+    for flag, kind, text in _GENERATION_FLAGS:
+        gen.add_argument(flag, type=kind, help=text)
+    gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gen.add_argument("--save-stages", action="store_true", help="also write each stage's image next to --out")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    return parser
+
+
+def _checkpoints(args) -> int:
+    import torch
+
+    from stages.checkpoints import write_checkpoints
+
+    dtype = torch.float16 if args.dtype == "float16" else torch.float32
+    start = time.perf_counter()
+    paths = write_checkpoints(args.preset, args.out, seed=args.seed, dtype=dtype, progress=print)
+    for stage, path in paths.items():
+        print(f"{stage}: {path}")
+    print(f"wrote the {args.preset} preset in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from stages.cascade import Cascade
+    from stages.params import GenerationParams
+
+    fields = {"prompt": args.prompt, "size": args.size}
+    for flag, _, _ in _GENERATION_FLAGS:
+        name = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    params = GenerationParams.parse(**fields)
+    if args.out.suffix.lower() != ".png":
+        raise InvalidParameter("--out", f"must be a .png file, got {args.out}")
+    torch.set_num_threads(max(1, args.threads))
+
+    start = time.perf_counter()
+    needed = tuple(s for s, size in (("stage1", 64), ("stage2", 256), ("stage3", 1024)) if size <= params.size)
+    cascade = Cascade.from_checkpoints(args.checkpoints, device=args.device, stages=needed)
+    print(f"loaded {args.checkpoints} in {time.perf_counter() - start:.1f} s")
+    mark = [time.perf_counter()]
+
+    def report(stage: str) -> None:
+        now = time.perf_counter()
+        print(f"{stage}: {now - mark[0]:.2f} s")
+        mark[0] = now
+
+    result = cascade.generate_many([params], on_stage_done=report)[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(args.out)
+    print(f"wrote {args.out} ({params.size}x{params.size})")
+    if args.save_stages:
+        for size, picture in result.images.items():
+            path = args.out.with_name(f"{args.out.stem}-{size}.png")
+            picture.save(path)
+            print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        if args.command == "checkpoints":
+            return _checkpoints(args)
+        return _generate(args)
+    except (InvalidParameter, CheckpointError) as err:
+        print(f"ifserve {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

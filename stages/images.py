@@ -1,0 +1,31 @@
+"""Tensor <-> picture conversions, done the way the reference code does them."""
+
+from __future__ import annotations
+
+import io
+
+import PIL.Image
+import torch
+from diffusers.utils import pt_to_pil
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """A (1, 3, H, W) image in [-1, 1] as an 8-bit picture (diffusers' `pt_to_pil`)."""
+    return pt_to_pil(image)[0]
+
+
+def png_bytes(picture: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def contact_sheet(pictures: list[PIL.Image.Image], height: int = 256) -> PIL.Image.Image:
+    """Pictures side by side, each scaled to `height` pixels high."""
+    scaled = [p.resize((round(p.width * height / p.height), height)) for p in pictures]
+    sheet = PIL.Image.new("RGB", (sum(p.width for p in scaled), height), "white")
+    x = 0
+    for picture in scaled:
+        sheet.paste(picture, (x, 0))
+        x += picture.width
+    return sheet

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    from stages.checkpoints import write_checkpoints
+
+    root = tmp_path_factory.mktemp("checkpoints") / "tiny"
+    write_checkpoints("tiny", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def reference_pipes(tiny_checkpoints):
+    from tests.reference import load_reference
+
+    return load_reference(tiny_checkpoints)
+
+
+@pytest.fixture(scope="session")
+def cascade(tiny_checkpoints):
+    from stages.cascade import Cascade
+
+    return Cascade.from_checkpoints(tiny_checkpoints)
