@@ -12,6 +12,7 @@ from collections import deque
 from typing import Literal
 
 from stages.engine import DenoisingStage
+from stages.errors import InvalidParameter
 from stages.task import StageOutput, StageRequest, Task
 
 Mode = Literal["step", "request"]
@@ -29,6 +30,7 @@ class StepBatcher:
         self.waiting: deque[StageRequest] = deque()
         self.running: list[Task] = []
         self.batch_sizes: list[int] = []  # tasks per executed step
+        self.failures: dict[str, InvalidParameter] = {}  # request id -> why it was refused
 
     def submit(self, request: StageRequest) -> None:
         self.waiting.append(request)
@@ -54,7 +56,15 @@ class StepBatcher:
             return
         room = self.max_batch_size - len(self.running)
         admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        self.running.extend(self.stage.admit(admitted))
+        try:
+            self.running.extend(self.stage.admit(admitted))
+        except InvalidParameter:
+            # One bad request must not take the others down: admit one by one, refusing only it.
+            for request in admitted:
+                try:
+                    self.running.extend(self.stage.admit([request]))
+                except InvalidParameter as err:
+                    self.failures[request.request_id] = err
 
     def step(self) -> list[StageOutput]:
         """Admit, run one batched step, and return the outputs of the tasks that finished."""

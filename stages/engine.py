@@ -133,6 +133,13 @@ class DenoisingStage(ABC):
                 raise InvalidParameter(self._param("timesteps"), str(err)) from None
         else:
             scheduler.set_timesteps(request.steps, device=self.device)
+        train_steps = scheduler.config.num_train_timesteps
+        if len(scheduler.timesteps) == 0 or not 0 <= int(scheduler.timesteps.max()) < train_steps:
+            # e.g. DDIM with steps_offset=1 and 1000 steps asks for t=1000: refuse here, not deep in step().
+            raise InvalidParameter(
+                self._param("timesteps" if timesteps is not None else "steps"),
+                f"gives timesteps outside [0, {train_steps}) for this {type(scheduler).__name__}",
+            )
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return scheduler

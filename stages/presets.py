@@ -8,6 +8,7 @@ resolution of `full` (64 -> 256 -> 1024 px) and shrink only widths and depths: `
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -75,30 +76,41 @@ _SCALED: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
     "small": {
-        "t5": dict(d_model=512, d_ff=1024, d_kv=64, num_heads=8, num_layers=4, num_decoder_layers=4),
+        "t5": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=4, num_decoder_layers=4),
         "stage1_unet": dict(
-            block_out_channels=[128, 256, 384, 512],
-            layers_per_block=2,
-            attention_head_dim=64,
-            addition_embed_type_num_heads=8,
-            cross_attention_dim=512,
+            block_out_channels=[32, 64, 96, 128],
+            layers_per_block=1,
+            attention_head_dim=32,
+            addition_embed_type_num_heads=4,
+            cross_attention_dim=128,
         ),
         "stage2_unet": dict(
-            block_out_channels=[32, 64, 128, 192, 256],
-            layers_per_block=[1, 1, 2, 2, 2],
-            attention_head_dim=64,
-            addition_embed_type_num_heads=8,
-            cross_attention_dim=256,
-            time_embedding_dim=256,
+            block_out_channels=[16, 32, 48, 64, 96],
+            layers_per_block=[1, 1, 1, 1, 1],
+            attention_head_dim=16,
+            addition_embed_type_num_heads=4,
+            cross_attention_dim=96,
+            time_embedding_dim=96,
+            norm_num_groups=16,
         ),
-        "stage3_unet": dict(block_out_channels=[64, 128, 128, 256], layers_per_block=1, attention_head_dim=4),
-        "stage3_vae": dict(block_out_channels=[32, 64, 64], layers_per_block=1, mid_block_add_attention=False),
+        "stage3_unet": dict(
+            block_out_channels=[16, 32, 32, 64],
+            layers_per_block=1,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        ),
+        "stage3_vae": dict(
+            block_out_channels=[16, 16, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
+            mid_block_add_attention=False,
+        ),
         "stage3_text_encoder": dict(
-            hidden_size=256,
-            intermediate_size=1024,
+            hidden_size=64,
+            intermediate_size=256,
             num_attention_heads=4,
             num_hidden_layers=4,
-            projection_dim=256,
+            projection_dim=64,
         ),
     },
     "full": {},
@@ -128,7 +140,7 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     configs = {}
     for component in _FULL_FILES:
-        cfg = _full_config(component)
+        cfg = copy.deepcopy(_full_config(component))  # the cached original must stay the real config
         cfg.update(_SCALED[name].get(component, {}))
         configs[component] = cfg
     t5_width = configs["t5"]["d_model"]

@@ -1,0 +1,129 @@
+"""Stage engine benchmark (not a test): prints ratios measured in one run.
+
+1. Per-stage time of one batched denoising step against batch size (guided tasks, 2 UNet rows each).
+2. Throughput of N requests arriving together through the step-batched engine, against the seed's
+   reference diffusers pipelines called one request at a time.
+
+    python -m benchmarks.bench_stages --preset small --checkpoints checkpoints/small
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from stages.cascade import Cascade, stage_request  # noqa: E402
+from stages.params import GenerationParams  # noqa: E402
+
+PROMPTS = [
+    "a photo of a kangaroo",
+    "a red bicycle",
+    "an astronaut riding a horse",
+    "a lighthouse on a cliff",
+    "a bowl of ramen",
+    "a corgi puppy",
+    "a steam locomotive",
+    "a field of sunflowers",
+]
+
+
+def step_time_by_batch(cascade: Cascade, batch_sizes: list[int], repeats: int) -> None:
+    print("\n## Step time against batch size (ms per step; per image in brackets)")
+    print("| stage | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | per-image speed-up at largest |")
+    print("|---|" + "---|" * (len(batch_sizes) + 1))
+    embeddings = cascade.text_encoder.encode(PROMPTS[: max(batch_sizes)])
+    params = GenerationParams(prompt="x", stage1_steps=500, stage2_steps=500, stage3_steps=500)
+    for stage_name, engine in cascade.stages.items():
+        size = {"stage1": 64, "stage2": 256, "stage3": 1024}[stage_name]
+        row, per_image = [], []
+        for b in batch_sizes:
+            requests = []
+            for i in range(b):
+                inputs = {"seed": i}
+                if stage_name != "stage1":
+                    inputs = {"image": torch.rand(1, 3, size // 4, size // 4) * 2 - 1, "seed": i}
+                if stage_name != "stage3":
+                    inputs["embeddings"] = embeddings[i]
+                requests.append(
+                    stage_request(stage_name, str(i), params.model_copy(update={"prompt": PROMPTS[i]}), **inputs)
+                )
+            tasks = engine.admit(requests)
+            engine.step(tasks)  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                engine.step(tasks)
+            ms = (time.perf_counter() - start) / repeats * 1000
+            row.append(f"{ms:.1f} ({ms / b:.1f})")
+            per_image.append(ms / b)
+        print(f"| {stage_name} | " + " | ".join(row) + f" | {per_image[0] / per_image[-1]:.2f}x |")
+
+
+def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batch: int) -> None:
+    from tests.reference import reference_cascade
+
+    requests = [base.model_copy(update={"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}) for i in range(n)]
+    start = time.perf_counter()
+    for p in requests:
+        reference_cascade(reference, p)
+    ref_s = time.perf_counter() - start
+    results = {}
+    for mode in ("request", "step"):
+        start = time.perf_counter()
+        cascade.generate_many(requests, mode=mode, max_batch_size=batch)
+        results[mode] = time.perf_counter() - start
+    print(
+        f"\n## {n} requests arriving together, size {base.size}, steps "
+        f"{base.stage1_steps}/{base.stage2_steps}/{base.stage3_steps}, max batch {batch}"
+    )
+    print("| runner | seconds | images/min | throughput vs reference |")
+    print("|---|---|---|---|")
+    print(f"| reference diffusers, one request at a time | {ref_s:.1f} | {60 * n / ref_s:.1f} | 1.00x |")
+    for mode, label in (("request", "engine, request-level batching"), ("step", "engine, step-level batching")):
+        s = results[mode]
+        print(f"| {label} | {s:.1f} | {60 * n / s:.1f} | {ref_s / s:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=["tiny", "small"])
+    parser.add_argument("--checkpoints", type=Path, help="default: checkpoints/<preset> (written if missing)")
+    parser.add_argument("--batch-sizes", default="1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("-n", "--requests", type=int, default=4)
+    parser.add_argument("--size", type=int, default=1024, choices=[64, 256, 1024])
+    parser.add_argument("--stage1-steps", type=int, default=10)
+    parser.add_argument("--stage2-steps", type=int, default=4)
+    parser.add_argument("--stage3-steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = args.checkpoints or Path("checkpoints") / args.preset
+    if not (root / "IF-I").is_dir():
+        from stages.checkpoints import write_checkpoints
+
+        print(f"writing the {args.preset} checkpoints to {root}")
+        write_checkpoints(args.preset, root)
+    from tests.reference import load_reference
+
+    cascade = Cascade.from_checkpoints(root)
+    print(f"# Stage engine benchmark: preset {args.preset}, {args.threads} CPU threads, torch {torch.__version__}")
+    step_time_by_batch(cascade, [int(b) for b in args.batch_sizes.split(",")], args.repeats)
+    base = GenerationParams(
+        prompt="x",
+        size=args.size,
+        stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps,
+        stage3_steps=args.stage3_steps,
+    )
+    throughput(cascade, load_reference(root), args.requests, base, max(int(b) for b in args.batch_sizes.split(",")))
+
+
+if __name__ == "__main__":
+    main()
