@@ -2,6 +2,9 @@
 
 ifserve checkpoints --preset tiny --out checkpoints/tiny
 ifserve generate --checkpoints checkpoints/tiny --prompt "a red bicycle" --seed 1 --out bike.png
+ifserve up --config deploy/local.yaml [--checkpoints DIR] [--port N]
+ifserve demo [--config deploy/local.yaml]
+ifserve hash-key KEY
 """
 
 from __future__ import annotations
@@ -57,7 +60,77 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-stages", action="store_true", help="also write each stage's image next to --out")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+
+    up = sub.add_parser("up", help="start a local Ray with the config's pools, deploy, serve until stopped")
+    _serving_flags(up)
+    up.add_argument("--host", help="bind address (default: the config's http.host, loopback)")
+
+    demo = sub.add_parser("demo", help="start, send a few prompts over HTTP, save images and timings, stop")
+    _serving_flags(demo)
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the images")
+    demo.add_argument("--size", type=int, choices=[64, 256, 1024], default=1024)
+    demo.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable; default: 4 built in)")
+    demo.add_argument("--seed", type=int, default=1, help="seed of the first image; image i uses seed + i")
+    demo.add_argument(
+        "--default-steps",
+        action="store_true",
+        help="use the reference defaults (100/50/75 steps), not the quick fast27/10/10",
+    )
+
+    key = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for auth.api_key_sha256")
+    key.add_argument("key")
     return parser
+
+
+def _serving_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="serving config (YAML)")
+    parser.add_argument("--checkpoints", help="override model.checkpoints")
+    parser.add_argument("--port", type=int, help="override http.port")
+    parser.add_argument("--api-key", default=os.environ.get("IFSERVE_API_KEY"), help="API key (demo client)")
+
+
+def _load_serving_config(args):
+    from serve.config import load_config
+
+    return load_config(
+        args.config,
+        **{"model.checkpoints": args.checkpoints, "http.port": args.port, "http.host": getattr(args, "host", None)},
+    )
+
+
+def _up(args) -> int:
+    import signal
+    import threading
+
+    from serve import local_cluster
+
+    config = _load_serving_config(args)
+    url = local_cluster.start(config)
+    print(f"serving {config.model.id} at {url}  (OpenAI base URL {url}/v1, docs {url}/docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down ...", flush=True)
+    local_cluster.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def _demo(args) -> int:
+    from serve.demo import PROMPTS, run_demo
+
+    config = _load_serving_config(args)
+    return run_demo(
+        config,
+        args.out,
+        prompts=args.prompts or PROMPTS,
+        size=args.size,
+        quick=not args.default_steps,
+        seed=args.seed,
+        api_key=args.api_key,
+        progress=lambda line: print(line, flush=True),
+    )
 
 
 def _checkpoints(args) -> int:
@@ -121,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        if args.command == "checkpoints":
-            return _checkpoints(args)
-        return _generate(args)
+        if args.command == "hash-key":
+            from serve.config import hash_key
+
+            print(hash_key(args.key))
+            return 0
+        commands = {"checkpoints": _checkpoints, "generate": _generate, "up": _up, "demo": _demo}
+        return commands[args.command](args)
     except (InvalidParameter, CheckpointError) as err:
         print(f"ifserve {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -20,15 +20,14 @@ import torch
 
 from stages.batching import Mode, StepBatcher
 from stages.engine import DenoisingStage
+from stages.families import DEEPFLOYD_IF, stage_request
 from stages.if_stages import StageI, StageII
 from stages.images import to_pil
 from stages.loading import cascade_folders, load_pipeline
 from stages.params import GenerationParams
-from stages.task import StageOutput, StageRequest, TextEmbeddings
+from stages.task import StageOutput, TextEmbeddings
 from stages.text_encoder import T5TextEncoder
 from stages.upscaler import StageIII
-
-STAGE_SIZES = {"stage1": 64, "stage2": 256, "stage3": 1024}
 
 
 def load_text_encoder(path, **kw) -> T5TextEncoder:
@@ -45,19 +44,6 @@ def load_stage(stage: str, path, **kw) -> DenoisingStage:
     if stage == "stage3":
         return StageIII(load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=stage, **kw))
     raise ValueError(f"stage: unknown stage {stage!r}")
-
-
-def stage_request(stage: str, request_id: str, params: GenerationParams, **inputs) -> StageRequest:
-    """The work order of `params` for one stage; `inputs` carries embeddings/image/generator."""
-    fields = dict(
-        steps=getattr(params, f"{stage}_steps"),
-        guidance_scale=getattr(params, f"{stage}_guidance"),
-        timesteps=getattr(params, f"{stage}_timesteps", None),
-        noise_level=getattr(params, f"{stage}_noise_level", None),
-    )
-    if stage == "stage3":
-        fields.update(prompt=params.prompt, negative_prompt=params.negative_prompt)
-    return StageRequest(request_id=request_id, **fields, **inputs)
 
 
 @dataclass
@@ -107,26 +93,21 @@ class Cascade:
             [p.prompt for p in requests], [p.negative_prompt for p in requests]
         )
         previous: dict[int, StageOutput] = {}
-        for stage_name, size in STAGE_SIZES.items():
-            todo = [i for i, p in enumerate(requests) if p.size >= size]
+        for spec in DEEPFLOYD_IF.stages:
+            todo = [i for i, p in enumerate(requests) if spec in DEEPFLOYD_IF.stages_for(p.size)]
             if not todo:
                 break
-            if stage_name not in self.stages:
-                raise ValueError(f"size: this cascade was loaded without {stage_name}, needed for {size} px")
-            batcher = StepBatcher(self.stages[stage_name], max_batch_size=max_batch_size, mode=mode)
+            if spec.name not in self.stages:
+                raise ValueError(f"size: this cascade was loaded without {spec.name}, needed for {spec.output_size} px")
+            batcher = StepBatcher(self.stages[spec.name], max_batch_size=max_batch_size, mode=mode)
             for i in todo:
-                inputs = (
-                    {"seed": requests[i].seed}
-                    if stage_name == "stage1"
-                    else {"image": previous[i].image, "generator_state": previous[i].generator_state}
+                batcher.submit(
+                    stage_request(spec, str(i), requests[i], embeddings=embeddings[i], previous=previous.get(i))
                 )
-                if stage_name != "stage3":
-                    inputs["embeddings"] = embeddings[i]
-                batcher.submit(stage_request(stage_name, str(i), requests[i], **inputs))
             outputs = {int(o.request_id): o for o in batcher.run_until_idle()}
             for i, output in outputs.items():
-                results[i].tensors[size] = output.image
-                results[i].images[size] = to_pil(output.image)
+                results[i].tensors[spec.output_size] = output.image
+                results[i].images[spec.output_size] = to_pil(output.image)
             previous = outputs
-            on_stage_done(stage_name)
+            on_stage_done(spec.name)
         return results

@@ -48,7 +48,9 @@ class DenoisingStage(ABC):
         """Combine the task's UNet outputs into the model output its scheduler steps with."""
 
     def finish(self, task: Task) -> StageOutput:
-        return StageOutput(task.request_id, task.sample, task.generator.get_state())
+        return StageOutput(
+            task.request_id, task.sample, task.generator.get_state(), task.step_index, task.unet_batch_sizes
+        )
 
     # ---- the batched step ------------------------------------------------------------------
     @torch.inference_mode()

@@ -9,6 +9,9 @@ class InvalidParameter(ValueError):
         self.param = param
         self.message = message
 
+    def __reduce__(self):  # crosses process boundaries (Ray) with its fields intact
+        return type(self), (self.param, self.message)
+
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, empty, unreadable or not a diffusers pipeline."""

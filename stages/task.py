@@ -74,3 +74,5 @@ class StageOutput:
     request_id: str
     image: torch.Tensor  # (1, 3, H, W) in [-1, 1]: IF stages unclamped (as their output_type="pt"), stage III clamped
     generator_state: torch.Tensor
+    steps: int = 0  # denoising steps it ran
+    unet_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its UNet calls

@@ -1,0 +1,230 @@
+"""The serving config: one YAML file, validated by this schema, says which model and checkpoints,
+which pool each stage runs on, and each stage's batching, queue limits and autoscaling.
+
+    model:    {id, family, checkpoints, preset, device, dtype, variant}
+    cluster:  the logical resources `ifserve up` declares when it starts a local Ray
+    http:     {host, port}                 auth: {api_key_sha256: [...]}
+    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests}
+    encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
+    stages:   {stage1: {pool, num_cpus, num_gpus, max_batch_size, mode, autoscaling, ...}, ...}
+
+Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.errors import InvalidParameter
+from stages.families import FAMILIES, get_family
+
+Pool = Annotated[str, Field(pattern=r"^pool_[a-z0-9_]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    """Passed to Ray Serve's `autoscaling_config` (same field names); validated by Ray as well."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    def ray_config(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Replica(_Strict):
+    """Where a deployment's replicas run and how much they take in."""
+
+    pool: Pool | None = None  # custom Ray resource of this deployment's pool (1 unit per replica)
+    num_cpus: float = Field(1.0, gt=0)  # also the replica's torch thread count (at least 1)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # beyond this the caller gets 503 + Retry-After; -1: no limit
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.pool:
+            options["resources"] = {self.pool: 1}
+        return options
+
+    def deployment_options(self) -> dict[str, Any]:
+        return dict(
+            ray_actor_options=self.ray_actor_options(),
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            autoscaling_config=self.autoscaling.ray_config(),
+        )
+
+
+class BatchingReplica(Replica):
+    max_batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _ongoing_covers_batch(self) -> BatchingReplica:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches can never fill"
+            )
+        return self
+
+
+class EncoderConfig(BatchingReplica):
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a batch waits to fill
+    cache_size: int = Field(256, ge=0)  # prompt embeddings kept (LRU); 0 turns the cache off
+
+
+class StageConfig(BatchingReplica):
+    mode: Literal["step", "request"] = "step"  # step-level (continuous) or request-level batching
+
+
+class IngressConfig(_Strict):
+    num_cpus: float = Field(0.1, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    image_dir: str = "out/images"  # where `response_format: url` images are written and served from
+
+
+class ModelConfig(_Strict):
+    id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]  # the `model` clients name
+    family: str = "deepfloyd-if"
+    checkpoints: str  # folder with the family's pipeline folders (relative paths: to the working directory)
+    preset: Literal["tiny", "small"] | None = None  # `ifserve up` writes this preset if the folder is empty
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    variant: str | None = None  # e.g. "fp16" weight files
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        get_family(value)
+        return value
+
+
+class ClusterConfig(_Strict):
+    """What `ifserve up` declares when it starts a local Ray (CPUs and GPUs may be logical)."""
+
+    num_cpus: float | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    resources: dict[Pool, float] = Field(default_factory=dict)
+
+
+class HttpConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+class AuthConfig(_Strict):
+    # SHA-256 hex digests of the accepted API keys (`ifserve hash-key`); the keys are never stored.
+    api_key_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+
+    def accepts(self, key: str | None) -> bool:
+        return key is not None and hash_key(key) in self.api_key_sha256
+
+
+class ServeConfig(_Strict):
+    model: ModelConfig
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(pool="pool_text_encoder"))
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _graph_matches_family(self) -> ServeConfig:
+        family = get_family(self.model.family)
+        known = [s.name for s in family.stages]
+        unknown = sorted(set(self.stages) - set(known))
+        if unknown:
+            raise ValueError(f"stages: {self.model.family} has no stage {unknown[0]!r}; it has {', '.join(known)}")
+        for name in known:  # a stage left out of the file runs with the defaults on its own pool
+            self.stages.setdefault(name, StageConfig(pool=f"pool_{name}"))
+        declared = self.cluster.resources
+        if declared:
+            for where, replica in [("encoder", self.encoder), *((f"stages.{n}", c) for n, c in self.stages.items())]:
+                if replica.pool and replica.pool not in declared:
+                    raise ValueError(f"{where}.pool: {replica.pool} is not declared in cluster.resources")
+        if not _is_loopback(self.http.host) and not self.auth.api_key_sha256:
+            raise ValueError(
+                f"http.host: {self.http.host} listens beyond loopback; set auth.api_key_sha256 to require API keys"
+            )
+        return self
+
+    @property
+    def family(self):
+        return FAMILIES[self.model.family]
+
+    def checkpoint_root(self) -> Path:
+        return Path(self.model.checkpoints).expanduser().resolve()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_config(data: dict[str, Any]) -> ServeConfig:
+    """Validate a config mapping; the error names the first bad field with its dotted path."""
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in first["loc"])
+        if not where:  # a check across fields names its field at the start of the message
+            where, _, message = message.partition(": ") if ": " in message else ("config", "", message)
+        raise InvalidParameter(where, message) from None
+
+
+def load_config(path: str | Path, **overrides: Any) -> ServeConfig:
+    """Read a YAML config; `overrides` are dotted keys (`model.checkpoints`, `http.port`)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise InvalidParameter("--config", f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise InvalidParameter("--config", f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter("--config", f"{path} must hold a mapping at the top level")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_config(data)

@@ -1,0 +1,62 @@
+"""Start (and stop) a local Ray with the config's pools declared as logical resources, and run the
+application on it. Used by `ifserve up`, `ifserve demo` and the tests."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import ray
+from ray import serve
+
+from serve.app import APP_NAME, build_app, ensure_checkpoints
+from serve.config import ServeConfig
+
+
+def start(config: ServeConfig, *, progress=print, metrics_port: int | None = None, wait: bool = True) -> str:
+    """Start Ray and Serve, deploy, wait until every stage has a replica (`wait`); returns the base URL."""
+    ensure_checkpoints(config, progress)
+    cluster = config.cluster
+    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "30")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            num_gpus=cluster.num_gpus,
+            resources=dict(cluster.resources),
+            include_dashboard=False,
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    progress("deploying (loading every stage's checkpoint) ...")
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    url = f"http://{_display_host(config.http.host)}:{config.http.port}"
+    if wait:
+        wait_ready(url, timeout_s=300)
+    return url
+
+
+def stop() -> None:
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except Exception as err:  # noqa: BLE001 - not up yet
+            last = str(err)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz did not become ready in {timeout_s:.0f} s ({last})")
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
