@@ -77,3 +77,20 @@ def app_builder(args: dict[str, Any]) -> Application:
     config = load_config(args["config"], **{"model.checkpoints": args.get("checkpoints")})
     ensure_checkpoints(config)
     return build_app(config)
+
+
+def ray_serve_config(config_path: str, config: ServeConfig) -> dict[str, Any]:
+    """The Ray Serve config file (for `serve deploy` / KubeRay's RayService) that runs this
+    application: the builder and our config file; every deployment option comes from that file."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.http.host, "port": config.http.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "serve.app:app_builder",
+                "args": {"config": config_path},
+            }
+        ],
+    }

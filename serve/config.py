@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -137,9 +139,25 @@ class HttpConfig(_Strict):
     port: int = Field(8000, ge=0, le=65535)
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class AuthConfig(_Strict):
-    # SHA-256 hex digests of the accepted API keys (`ifserve hash-key`); the keys are never stored.
-    api_key_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=list)
+    # SHA-256 hex digests of the accepted API keys (`ifserve hash-key KEY`); the keys are never stored.
+    api_key_sha256: list[Sha256] = Field(default_factory=list)
+    # Also read digests (comma-separated) from this environment variable when the config loads, e.g.
+    # from a Kubernetes secret; they join the list above.
+    api_key_sha256_env: str | None = None
+
+    @model_validator(mode="after")
+    def _digests_from_environment(self) -> AuthConfig:
+        if self.api_key_sha256_env:
+            found = [d.strip() for d in os.environ.get(self.api_key_sha256_env, "").split(",") if d.strip()]
+            for digest in found:
+                if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise ValueError(f"{self.api_key_sha256_env} must hold SHA-256 hex digests, comma-separated")
+            self.api_key_sha256 = sorted({*self.api_key_sha256, *found})
+        return self
 
     def accepts(self, key: str | None) -> bool:
         return key is not None and hash_key(key) in self.api_key_sha256
@@ -170,7 +188,8 @@ class ServeConfig(_Strict):
                     raise ValueError(f"{where}.pool: {replica.pool} is not declared in cluster.resources")
         if not _is_loopback(self.http.host) and not self.auth.api_key_sha256:
             raise ValueError(
-                f"http.host: {self.http.host} listens beyond loopback; set auth.api_key_sha256 to require API keys"
+                f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
+                "(auth.api_key_sha256 or auth.api_key_sha256_env)"
             )
         return self
 

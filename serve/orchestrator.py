@@ -1,10 +1,13 @@
 """Runs images through the serving graph: encoder -> the stages an image's size needs.
 
-Outputs pass from one handle call into the next as `DeploymentResponse`s, so embeddings and images
-travel through Ray's object store from replica to replica; only the final image (and, when
-streaming, each stage's preview) comes back to the ingress. Every response created for an image is
-cancelled if the image ends early (client gone, another image of the request failed), so its tasks
-leave their stage's batch at the next step.
+Each stage's output goes into the next handle call by reference (the call's `ObjectRef`, which the
+ingress owns), so embeddings and images travel through Ray's object store from replica to replica;
+only the final image (and, when streaming, each stage's preview) is fetched by the ingress.
+The next stage is called only once the previous one has finished (`ReadyWatcher` checks readiness
+without fetching): a call made earlier would pass Ray's `max_queued_requests` check at once and then
+wait unseen in the ingress, so a full stage could never shed load and its autoscaler would see demand
+too early. Every call made for an image is cancelled if the image ends early (client gone, another
+image of the request failed), so its tasks leave their stage's batch at the next step.
 
 Kept out of the ingress class on purpose: Ray ships the `@serve.ingress` class by value, this module
 by reference.
@@ -19,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import ray
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
@@ -39,36 +43,71 @@ class Overloaded(Exception):
 OnStage = Callable[[StageSpec, StageResult], Awaitable[None]]
 
 
+class ReadyWatcher:
+    """Wakes coroutines when their `ObjectRef`s are ready, without fetching the objects here: one
+    non-blocking `ray.wait` over every watched ref per interval."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self._waiting: dict[ray.ObjectRef, list[asyncio.Future]] = {}
+        self._poller: asyncio.Task | None = None
+
+    async def wait(self, ref: ray.ObjectRef) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(ref, []).append(future)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            await future
+        finally:
+            waiters = self._waiting.get(ref)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiting[ref]
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            refs = list(self._waiting)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            for ref in ready:
+                for future in self._waiting.pop(ref, []):
+                    if not future.done():
+                        future.set_result(None)
+            await asyncio.sleep(self.interval_s)
+
+
 class Orchestrator:
     def __init__(self, family: ModelFamily, encoder: DeploymentHandle, stages: dict[str, DeploymentHandle]):
         self.family = family
         self.encoder = encoder
         self.stages = stages
+        self.watcher = ReadyWatcher()
 
     async def image(self, request_id: str, params: GenerationParams, on_stage: OnStage | None = None) -> StageResult:
-        """One image through the stages its size needs. With `on_stage`, each stage's output but the
-        last is awaited here and reported (streaming); without, it goes replica to replica."""
+        """One image through the stages its size needs; `on_stage` gets each stage's output but the
+        last (streaming previews)."""
         specs = self.family.stages_for(params.size)
         responses: list[DeploymentResponse] = []
         try:
             embeddings = self.encoder.encode.remote(params.prompt, params.negative_prompt)
             responses.append(embeddings)
-            previous: DeploymentResponse | StageResult | None = None
+            previous: ray.ObjectRef | None = None
             for spec in specs:
                 response = self.stages[spec.name].run.remote(
                     request_id, params, embeddings=embeddings if spec.uses_embeddings else None, previous=previous
                 )
                 responses.append(response)
-                previous = response
+                previous = await response._to_object_ref()  # raises BackPressureError when the stage sheds
+                await self.watcher.wait(previous)
                 if on_stage is not None and spec is not specs[-1]:
-                    previous = await response
-                    await on_stage(spec, previous)
-            return await responses[-1]
+                    await on_stage(spec, await previous)
+            return await previous
         except BackPressureError as err:
             raise Overloaded(str(err)) from None
         finally:
-            for response in responses:  # a no-op for the finished ones
-                response.cancel()
+            for response in responses:
+                _cancel(response)
 
     async def images(self, request_id: str, images: list[GenerationParams]) -> list[StageResult]:
         """All images of a request together; the first failure cancels the others and is raised."""
@@ -129,6 +168,14 @@ class Orchestrator:
         finally:  # the client went away, or an image failed: the others' tasks leave their batches
             for task in tasks:
                 task.cancel()
+
+
+def _cancel(response: DeploymentResponse) -> None:
+    """Best-effort cancel; Ray re-raises a failed assignment's error (e.g. backpressure) from cancel()."""
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - the call already ended, one way or another
+        pass
 
 
 def png(result: StageResult) -> bytes:

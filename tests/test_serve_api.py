@@ -141,9 +141,7 @@ def test_url_response_format_serves_the_png(client, url):
     as_b64 = generate(client, size=256, **fields)
     fetched = httpx.get(as_url.data[0].url, timeout=30)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
-    assert np.array_equal(
-        decode(base64.b64encode(fetched.content).decode()), decode(as_b64.data[0].b64_json)
-    )
+    assert np.array_equal(decode(base64.b64encode(fetched.content).decode()), decode(as_b64.data[0].b64_json))
     assert httpx.get(f"{url}/v1/images/files/{'0' * 32}-0.png").status_code == 404
 
 

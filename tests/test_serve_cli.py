@@ -1,0 +1,84 @@
+"""`ifserve up` as a user runs it: a subprocess that writes the tiny checkpoints into an empty folder,
+starts a local Ray with the pools, serves with API keys required, and shuts down cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from serve.config import hash_key
+from tests.serving import ROOT, decode, free_port
+
+pytestmark = pytest.mark.serve
+
+
+def test_up_serves_with_api_keys_and_stops_cleanly_on_sigint(tmp_path):
+    config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    config["auth"] = {"api_key_sha256": [hash_key("sk-test")]}
+    config["ingress"]["image_dir"] = str(tmp_path / "images")
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    checkpoints = tmp_path / "empty-checkpoints"
+    checkpoints.mkdir()
+    port = free_port()
+
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "up",
+            "--config",
+            str(config_file),
+            "--checkpoints",
+            str(checkpoints),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 400
+        while not any(line.startswith("serving ") for line in lines):
+            assert process.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        assert any(f"at {url}" in line for line in lines)
+        assert (checkpoints / "IF-I" / "model_index.json").is_file()  # it made the tiny checkpoints first
+
+        anonymous = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a"}, timeout=60)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/healthz", timeout=60).status_code == 200  # probes need no key
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=300)
+        image = client.images.generate(prompt="a kite", size="64x64", extra_body={"seed": 1, "stage1_steps": 3})
+        assert decode(image.data[0].b64_json).shape == (64, 64, 3)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, "".join(lines)
+        reader.join(timeout=10)
+        assert lines[-1].strip() == "stopped"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            subprocess.run(["ray", "stop", "--force"], capture_output=True)

@@ -1,0 +1,106 @@
+"""Autoscaling, load shedding and readiness on a real local Ray cluster, with short autoscaling delays
+(tolerant waits, no exact replica counts at exact times). One Ray session for the module."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from serve import local_cluster
+from serve.app import APP_NAME
+from serve.orchestrator import running_replicas
+from tests.serving import serving_config, wait_for
+
+pytestmark = pytest.mark.serve
+
+FAST_SCALING = dict(upscale_delay_s=0, downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_checkpoints, tmp_path_factory):
+    config = serving_config(
+        tiny_checkpoints,
+        tmp_path_factory.mktemp("serve-scaling"),
+        stages={
+            # Grows to 2 replicas when more than one request per replica is in flight.
+            "stage1": {
+                "max_batch_size": 2,
+                "max_ongoing_requests": 2,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, **FAST_SCALING},
+            },
+            # One request at a time and one queued: a burst is shed with 503.
+            "stage2": {"max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
+            # Scaled to zero until the first 1024 px request.
+            "stage3": {
+                "autoscaling": {
+                    "min_replicas": 0,
+                    "initial_replicas": 0,
+                    "max_replicas": 1,
+                    **FAST_SCALING,
+                    "downscale_delay_s": 600,
+                }
+            },
+        },
+    )
+    url = local_cluster.start(config, progress=lambda *_: None, wait=False)
+    yield url
+    local_cluster.stop()
+
+
+def replicas(name: str) -> int:
+    return running_replicas(serve.status(), APP_NAME, [name])[name]
+
+
+def post(url: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+
+
+def test_readyz_names_the_stage_without_a_replica_until_it_scales_from_zero(url):
+    wait_for(lambda: replicas("StageII") >= 1 and replicas("StageI") >= 1, 120, what="stages I and II")
+    response = httpx.get(f"{url}/readyz", timeout=30)
+    assert response.status_code == 503 and response.headers["retry-after"]
+    message = response.json()["error"]["message"]
+    assert "StageIII" in message and "StageII," not in message and "StageI," not in message
+
+    done = post(url, prompt="wake stage three", seed=1, stage1_steps=2, stage2_steps=2, stage3_steps=2)
+    assert done.status_code == 200, done.text
+    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+
+
+def test_a_burst_scales_stage_one_out_and_idle_scales_it_back(url):
+    assert wait_for(lambda: replicas("StageI") == 1, 60, what="one StageI replica")
+    peak = []
+
+    def burst() -> list[int]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(
+                pool.map(
+                    lambda i: post(url, prompt=f"burst {i}", size="64x64", seed=i, stage1_steps=40).status_code,
+                    range(8),
+                )
+            )
+
+    with ThreadPoolExecutor(1) as runner:
+        statuses = runner.submit(burst)
+        peak.append(wait_for(lambda: replicas("StageI") >= 2, 120, what="StageI to scale out"))
+        assert set(statuses.result()) == {200}
+    wait_for(lambda: replicas("StageI") == 1, 120, what="StageI to scale back in")
+
+
+def test_a_full_stage_sheds_load_with_503_and_retry_after(url):
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(
+            pool.map(
+                lambda i: post(url, prompt=f"shed {i}", size="256x256", seed=i, stage1_steps=2, stage2_steps=8),
+                range(6),
+            )
+        )
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    assert set(codes) == {200, 503}
+    shed = next(r for r in responses if r.status_code == 503)
+    assert shed.headers.get("retry-after"), (shed.headers, shed.text)
+    assert shed.json()["error"]["code"] == "overloaded"
