@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     rs = sub.add_parser("serve-config", help="print the Ray Serve config file (serve deploy / KubeRay) for a config")
-    rs.add_argument("--config", type=Path, required=True, help="serving config (YAML), as the cluster will see its path")
+    rs.add_argument("--config", type=Path, required=True, help="serving config (YAML), as the cluster sees its path")
 
     key = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for auth.api_key_sha256")
     key.add_argument("key")
