@@ -40,7 +40,11 @@ def build_app(config: ServeConfig) -> Application:
     for spec in family.stages:
         stage = config.stages[spec.name]
         stages[spec.name] = Stage.options(name=spec.title, **stage.deployment_options()).bind(
-            **model, stage=spec.name, max_batch_size=stage.max_batch_size, mode=stage.mode
+            **model,
+            stage=spec.name,
+            max_batch_size=stage.max_batch_size,
+            mode=stage.mode,
+            max_replicas=stage.autoscaling.max_replicas,
         )
     ingress = config.ingress
     return Ingress.options(

@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local Ray with the config's pools, deploy, serve until stopped")
     _serving_flags(up)
     up.add_argument("--host", help="bind address (default: the config's http.host, loopback)")
+    up.add_argument("--metrics-port", type=int, help="Ray exports Prometheus metrics on this port")
 
     demo = sub.add_parser("demo", help="start, send a few prompts over HTTP, save images and timings, stop")
     _serving_flags(demo)
@@ -109,7 +110,13 @@ def _up(args) -> int:
     from serve import local_cluster
 
     config = _load_serving_config(args)
-    url = local_cluster.start(config)
+    url = local_cluster.start(config, metrics_port=args.metrics_port)
+    if args.metrics_port:
+        print(
+            f"metrics: http://127.0.0.1:{args.metrics_port}/metrics (every node's endpoint is listed in "
+            f"{local_cluster.SERVICE_DISCOVERY_FILE}; see monitoring/README.md)",
+            flush=True,
+        )
     print(f"serving {config.model.id} at {url}  (OpenAI base URL {url}/v1, docs {url}/docs); Ctrl-C stops", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

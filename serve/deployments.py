@@ -17,6 +17,7 @@ import ray
 import torch
 from ray import serve
 
+from serve.metrics import EncoderMetrics, StageMetrics
 from serve.stage_loop import StageLoop, StageRecord
 from stages.batching import StepBatcher
 from stages.families import get_family, stage_request
@@ -73,6 +74,7 @@ class TextEncoder:
         self.cache: OrderedDict[tuple[str, str | None], TextEmbeddings] = OrderedDict()
         self.cache_size = cache_size
         self.hits = self.misses = self.batches = 0
+        self.metrics = EncoderMetrics()
         self._encode_batch.set_max_batch_size(max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -80,9 +82,11 @@ class TextEncoder:
         key = (prompt, negative_prompt)
         if key in self.cache:
             self.hits += 1
+            self.metrics.prompt(cached=True)
             self.cache.move_to_end(key)
             return self.cache[key]
         self.misses += 1
+        self.metrics.prompt(cached=False)
         embeddings = await self._encode_batch(key)
         if self.cache_size:
             self.cache[key] = embeddings
@@ -93,6 +97,7 @@ class TextEncoder:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, keys: list[tuple[str, str | None]]) -> list[TextEmbeddings]:
         self.batches += 1
+        self.metrics.batch(len(keys))
         # Off the event loop, so requests arriving meanwhile gather into the next batch.
         return await asyncio.to_thread(self.encoder.encode, [p for p, _ in keys], [n for _, n in keys])
 
@@ -121,13 +126,16 @@ class Stage:
         variant: str | None = None,
         max_batch_size: int = 8,
         mode: str = "step",
+        max_replicas: int = 1,
     ):
         self.threads, self.replica = configure_replica()
         self.spec = get_family(family).stage(stage)
         path = Path(checkpoints) / self.spec.folder
         engine = get_family(family).load_stage(stage, path, device=device, torch_dtype=DTYPES[dtype], variant=variant)
         self.engine = engine
-        self.loop = StageLoop(StepBatcher(engine, max_batch_size=max_batch_size, mode=mode), stage, self.replica)
+        batcher = StepBatcher(engine, max_batch_size=max_batch_size, mode=mode)
+        metrics = StageMetrics(stage)
+        self.loop = StageLoop(batcher, stage, self.replica, metrics=metrics, max_replicas=max_replicas)
 
     async def run(
         self,

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from serve.api import ImageGenerationRequest, error_response
 from serve.config import ServeConfig
+from serve.metrics import request_metrics
 from serve.orchestrator import Orchestrator, Overloaded, png, running_replicas
 from stages.errors import InvalidParameter
 
@@ -33,6 +34,26 @@ app = FastAPI(
     summary="DeepFloyd IF cascade on Ray Serve, OpenAI Images API compatible",
     version="0.1.0",
 )
+
+
+@app.middleware("http")
+async def _record_request(request: Request, call_next):
+    """End-to-end latency to the last byte (streams included) and outcome, by route template."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", "unmatched")  # the template, never the raw path: bounded labels
+    body = response.body_iterator
+
+    async def timed_body():
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            request_metrics().observe(endpoint, response.status_code, time.perf_counter() - start)
+
+    response.body_iterator = timed_body()
+    return response
 
 
 @app.exception_handler(RequestValidationError)

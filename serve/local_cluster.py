@@ -24,7 +24,9 @@ def start(config: ServeConfig, *, progress=print, metrics_port: int | None = Non
             num_cpus=cluster.num_cpus,
             num_gpus=cluster.num_gpus,
             resources=dict(cluster.resources),
-            include_dashboard=False,
+            # The dashboard process writes Prometheus' service-discovery file; only needed for metrics.
+            include_dashboard=metrics_port is not None,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             _metrics_export_port=metrics_port,
         )
@@ -35,6 +37,9 @@ def start(config: ServeConfig, *, progress=print, metrics_port: int | None = Non
     if wait:
         wait_ready(url, timeout_s=300)
     return url
+
+
+SERVICE_DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"  # Ray keeps it current per session
 
 
 def stop() -> None:

@@ -3,7 +3,8 @@ is work, so that the replica's asyncio event loop stays free to accept requests 
 
 The event loop and the thread talk through a queue only: `run()` posts a submission and awaits an
 asyncio future that the thread resolves when the task finishes (or fails); a cancelled `run()` posts a
-cancellation, and the task leaves the batch before the next step. No Ray here: the deployment wraps it.
+cancellation, and the task leaves the batch before the next step. No Ray here: the deployment wraps it
+and hands in its `StageMetrics` (anything with the same methods; None records nothing).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from stages.batching import StepBatcher
 from stages.task import StageOutput, StageRequest
@@ -44,6 +46,15 @@ class StageLoopStats:
     max_batch: int = 0
 
 
+class LoopMetrics(Protocol):
+    def arrived_task(self) -> None: ...
+    def started(self, queue_wait_s: float) -> None: ...
+    def stepped(self, seconds: float, batch: int, finished: int) -> None: ...
+    def finished(self, residence_s: float) -> None: ...
+    def ended(self, outcome: str) -> None: ...
+    def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None: ...
+
+
 @dataclass
 class _Pending:
     future: asyncio.Future
@@ -53,10 +64,22 @@ class _Pending:
 
 
 class StageLoop:
-    def __init__(self, batcher: StepBatcher, name: str, replica: str = ""):
+    def __init__(
+        self,
+        batcher: StepBatcher,
+        name: str,
+        replica: str = "",
+        metrics: LoopMetrics | None = None,
+        max_replicas: int = 1,
+        refresh_s: float = 1.0,
+    ):
         self.batcher = batcher
         self.name = name
         self.replica = replica
+        self.metrics = metrics
+        self.max_replicas = max_replicas
+        self.refresh_s = refresh_s
+        self._refreshed = 0.0
         self.stats = StageLoopStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -94,10 +117,18 @@ class StageLoop:
         while not self._stopped:
             self._wake.clear()
             self._drain()
+            self._refresh()
             if self.batcher.idle:
-                self._wake.wait()
+                self._wake.wait(timeout=self.refresh_s if self.metrics else None)
                 continue
             self._step()
+
+    def _refresh(self) -> None:
+        if self.metrics is None or time.monotonic() - self._refreshed < self.refresh_s:
+            return
+        self._refreshed = time.monotonic()
+        load = self.load
+        self.metrics.refresh(load["running"], load["waiting"], self.batcher.max_batch_size, self.max_replicas)
 
     def _drain(self) -> None:
         while True:
@@ -110,12 +141,17 @@ class StageLoop:
                 self._pending[request.request_id] = pending
                 self.batcher.submit(request)
                 self.stats.submitted += 1
+                if self.metrics:
+                    self.metrics.arrived_task()
             elif self.batcher.cancel(message[1]):
                 self._pending.pop(message[1], None)
                 self.stats.cancelled += 1
+                if self.metrics:
+                    self.metrics.ended("cancelled")
 
     def _step(self) -> None:
         now = time.perf_counter()
+        steps_before = self.batcher.steps
         try:
             outputs = self.batcher.step()
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: fail this batch, keep serving
@@ -124,16 +160,22 @@ class StageLoop:
                 self._resolve(task.request_id, error=RuntimeError(f"{self.name}: step failed: {err}"))
             self.batcher.running = []
             return
+        end = time.perf_counter()
+        for request_id, error in self.batcher.failures.items():
+            self._resolve(request_id, error=error)
+        self.batcher.failures.clear()
+        if self.batcher.steps == steps_before:
+            return  # every admitted request was refused: no step ran
         for task in self.batcher.running:
             self._mark_started(task.request_id, now)
+        for output in outputs:
+            self._mark_started(output.request_id, now)
         self.stats.steps += 1
         batch = self.batcher.batch_sizes[-1]
         self.stats.task_steps += batch
         self.stats.max_batch = max(self.stats.max_batch, batch)
-        for request_id, error in self.batcher.failures.items():
-            self._resolve(request_id, error=error)
-        self.batcher.failures.clear()
-        end = time.perf_counter()
+        if self.metrics:
+            self.metrics.stepped(end - now, batch, len(outputs))
         for output in outputs:
             pending = self._pending.get(output.request_id)
             if pending is None:
@@ -148,12 +190,16 @@ class StageLoop:
                 replica=self.replica,
             )
             self.stats.completed += 1
+            if self.metrics:
+                self.metrics.finished(end - pending.submitted_at)
             self._resolve(output.request_id, result=(output, record))
 
     def _mark_started(self, request_id: str, when: float) -> None:
         pending = self._pending.get(request_id)
         if pending is not None and pending.started_at is None:
             pending.started_at = when
+            if self.metrics:
+                self.metrics.started(when - pending.submitted_at)
 
     def _resolve(self, request_id: str, result=None, error: BaseException | None = None) -> None:
         pending = self._pending.pop(request_id, None)
@@ -161,6 +207,8 @@ class StageLoop:
             return
         if error is not None:
             self.stats.failed += 1
+            if self.metrics:
+                self.metrics.ended("failed")
         pending.loop.call_soon_threadsafe(_settle, pending.future, result, error)
 
 

@@ -29,7 +29,8 @@ class StepBatcher:
         self.mode = mode
         self.waiting: deque[StageRequest] = deque()
         self.running: list[Task] = []
-        self.batch_sizes: list[int] = []  # tasks per executed step
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # tasks per executed step, the latest ones
+        self.steps = 0  # steps executed
         self.failures: dict[str, InvalidParameter] = {}  # request id -> why it was refused
 
     def submit(self, request: StageRequest) -> None:
@@ -73,6 +74,7 @@ class StepBatcher:
         if not self.running:
             return []
         self.stage.step(self.running)
+        self.steps += 1
         self.batch_sizes.append(len(self.running))
         finished = [t for t in self.running if t.done]
         self.running = [t for t in self.running if not t.done]
