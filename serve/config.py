@@ -14,6 +14,7 @@ Every field has a default except the model; errors name the field (`stages.stage
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import os
 import re
@@ -160,7 +161,10 @@ class AuthConfig(_Strict):
         return self
 
     def accepts(self, key: str | None) -> bool:
-        return key is not None and hash_key(key) in self.api_key_sha256
+        if not key:
+            return False
+        digest = hash_key(key)
+        return any(hmac.compare_digest(digest, known) for known in self.api_key_sha256)
 
 
 class ServeConfig(_Strict):
