@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/tiny"))
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="off/on pairs, interleaved")
     args = parser.parse_args()
 
     if not (args.checkpoints / "IF-I").is_dir():
