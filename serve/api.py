@@ -79,5 +79,13 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+RETRY_AFTER_S = 2
+
+
+def retry_later(message: str, code: str) -> JSONResponse:
+    """503 with Retry-After: the server is not ready, or a stage shed the request."""
+    return error_response(503, message, kind="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error", code=None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start, send a few prompts over HTTP, save images and timings, stop")
     _serving_flags(demo)
+    demo.add_argument("--api-key", default=os.environ.get("IFSERVE_API_KEY"), help="key the demo client sends")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the images")
     demo.add_argument("--size", type=int, choices=[64, 256, 1024], default=1024)
     demo.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeatable; default: 4 built in)")
@@ -91,7 +92,6 @@ def _serving_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="serving config (YAML)")
     parser.add_argument("--checkpoints", help="override model.checkpoints")
     parser.add_argument("--port", type=int, help="override http.port")
-    parser.add_argument("--api-key", default=os.environ.get("IFSERVE_API_KEY"), help="API key (demo client)")
 
 
 def _load_serving_config(args):

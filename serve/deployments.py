@@ -52,6 +52,9 @@ class StageResult:
     output: StageOutput
     records: list[StageRecord] = field(default_factory=list)
 
+    def timings(self) -> list[dict]:
+        return [asdict(record) for record in self.records]
+
 
 @serve.deployment
 class TextEncoder:

@@ -21,13 +21,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from serve.api import ImageGenerationRequest, error_response
+from serve.api import ImageGenerationRequest, error_response, retry_later
 from serve.config import ServeConfig
 from serve.metrics import request_metrics
 from serve.orchestrator import Orchestrator, Overloaded, png, running_replicas
 from stages.errors import InvalidParameter
-
-RETRY_AFTER_S = 2
 
 app = FastAPI(
     title="ifserve",
@@ -115,13 +113,7 @@ class Ingress:
         replicas = running_replicas(status, serve.get_replica_context().app_name, self.deployments)
         missing = [name for name, count in replicas.items() if count < 1]
         if missing:
-            return error_response(
-                503,
-                f"not ready: no running replica of {', '.join(missing)}",
-                kind="server_error",
-                code="not_ready",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            return retry_later(f"not ready: no running replica of {', '.join(missing)}", "not_ready")
         return {"status": "ready", "replicas": replicas}
 
     # ---- models ------------------------------------------------------------------------------------
@@ -164,19 +156,13 @@ class Ingress:
         try:
             results = await self.orchestrator.images(request_id, images)
         except Overloaded as err:
-            return error_response(
-                503,
-                f"overloaded, retry later: {err}",
-                kind="server_error",
-                code="overloaded",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            return retry_later(f"overloaded, retry later: {err}", "overloaded")
         except InvalidParameter as err:
             return error_response(400, str(err), param=err.param)
         data = []
         for i, (params, result) in enumerate(zip(images, results, strict=True)):
             picture = await asyncio.to_thread(png, result)
-            item = {"revised_prompt": None, "seed": params.seed, "stages": [r.__dict__ for r in result.records]}
+            item = {"revised_prompt": None, "seed": params.seed, "stages": result.timings()}
             if body.response_format == "url":
                 item["url"] = self._save(f"{request_id}-{i}.png", picture, request)
             else:

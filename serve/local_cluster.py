@@ -3,7 +3,6 @@ application on it. Used by `ifserve up`, `ifserve demo` and the tests."""
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.request
 
@@ -18,7 +17,6 @@ def start(config: ServeConfig, *, progress=print, metrics_port: int | None = Non
     """Start Ray and Serve, deploy, wait until every stage has a replica (`wait`); returns the base URL."""
     ensure_checkpoints(config, progress)
     cluster = config.cluster
-    os.environ.setdefault("RAY_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "30")
     if not ray.is_initialized():
         ray.init(
             num_cpus=cluster.num_cpus,

@@ -139,7 +139,7 @@ class Orchestrator:
 
             try:
                 result = await self.image(f"{request_id}-{index}", params, on_stage)
-                stages = [r.__dict__ for r in result.records]
+                stages = result.timings()
                 await queue.put(await asyncio.to_thread(image_event, "completed", index, params, result, stages=stages))
             except asyncio.CancelledError:
                 raise
