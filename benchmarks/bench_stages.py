@@ -1,6 +1,7 @@
 """Stage engine benchmark (not a test): prints ratios measured in one run.
 
-1. Per-stage time of one batched denoising step against batch size (guided tasks, 2 UNet rows each).
+1. Per-stage time of one batched denoising step against batch size (guided tasks, 2 UNet rows each),
+   with batch invariance on (the default: results equal to the reference's) and off (one plain batch).
 2. Throughput of N requests arriving together through the step-batched engine, against the seed's
    reference diffusers pipelines called one request at a time.
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -34,35 +36,58 @@ PROMPTS = [
 ]
 
 
+def _set_batch_invariant(cascade: Cascade, on: bool) -> None:
+    cascade.text_encoder.batch_invariant = on
+    for engine in cascade.stages.values():
+        engine.batch_invariant = on
+
+
 def step_time_by_batch(cascade: Cascade, batch_sizes: list[int], repeats: int) -> None:
-    print("\n## Step time against batch size (ms per step; per image in brackets)")
-    print("| stage | " + " | ".join(f"batch {b}" for b in batch_sizes) + " | per-image speed-up at largest |")
-    print("|---|" + "---|" * (len(batch_sizes) + 1))
+    """Batch invariance on and off are timed step by step, interleaved in alternating order, so drift
+    hits both alike. At batch 1 both run the same code: that column's ratio is the run's noise floor."""
+    print(f"\n## Step time against batch size (ms per step, median of {repeats}; per image in brackets)")
+    print(
+        "| stage | batch invariant | "
+        + " | ".join(f"batch {b}" for b in batch_sizes)
+        + " | per-image speed-up at largest |"
+    )
+    print("|---|---|" + "---|" * (len(batch_sizes) + 1))
     embeddings = cascade.text_encoder.encode(PROMPTS[: max(batch_sizes)])
     params = GenerationParams(prompt="x", stage1_steps=500, stage2_steps=500, stage3_steps=500)
+    cost = {}
     for stage_name, engine in cascade.stages.items():
         size = {"stage1": 64, "stage2": 256, "stage3": 1024}[stage_name]
-        row, per_image = [], []
+        ms: dict[bool, list[float]] = {True: [], False: []}  # by batch invariance: per batch size
         for b in batch_sizes:
-            requests = []
-            for i in range(b):
-                inputs = {"seed": i}
-                if stage_name != "stage1":
-                    inputs = {"image": torch.rand(1, 3, size // 4, size // 4) * 2 - 1, "seed": i}
-                if stage_name != "stage3":
-                    inputs["embeddings"] = embeddings[i]
-                requests.append(
-                    stage_request(stage_name, str(i), params.model_copy(update={"prompt": PROMPTS[i]}), **inputs)
-                )
-            tasks = engine.admit(requests)
-            engine.step(tasks)  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
-                engine.step(tasks)
-            ms = (time.perf_counter() - start) / repeats * 1000
-            row.append(f"{ms:.1f} ({ms / b:.1f})")
-            per_image.append(ms / b)
-        print(f"| {stage_name} | " + " | ".join(row) + f" | {per_image[0] / per_image[-1]:.2f}x |")
+            tasks = engine.admit([_request(stage_name, size, i, params, embeddings) for i in range(b)])
+            samples: dict[bool, list[float]] = {True: [], False: []}
+            for round_ in range(repeats + 1):  # round 0 warms up; the order alternates (ABBA)
+                for invariant in (True, False) if round_ % 2 else (False, True):
+                    engine.batch_invariant = invariant
+                    start = time.perf_counter()
+                    engine.step(tasks)
+                    if round_:
+                        samples[invariant].append((time.perf_counter() - start) * 1000)
+            for invariant, times in samples.items():
+                ms[invariant].append(statistics.median(times))
+        engine.batch_invariant = True
+        for invariant in (True, False):
+            row = " | ".join(f"{t:.1f} ({t / b:.1f})" for t, b in zip(ms[invariant], batch_sizes, strict=True))
+            speedup = (ms[invariant][0] / batch_sizes[0]) / (ms[invariant][-1] / batch_sizes[-1])
+            print(f"| {stage_name} | {'on' if invariant else 'off'} | {row} | {speedup:.2f}x |")
+        cost[stage_name] = [on / off for on, off in zip(ms[True], ms[False], strict=True)]
+    print(f"\nStep time with batch invariance on / off, by batch size {', '.join(map(str, batch_sizes))}:")
+    for stage_name, ratios in cost.items():
+        print(f"- {stage_name}: " + ", ".join(f"{r:.2f}x" for r in ratios))
+
+
+def _request(stage_name: str, size: int, i: int, params: GenerationParams, embeddings):
+    inputs = {"seed": i}
+    if stage_name != "stage1":
+        inputs["image"] = torch.rand(1, 3, size // 4, size // 4) * 2 - 1
+    if stage_name != "stage3":
+        inputs["embeddings"] = embeddings[i]
+    return stage_request(stage_name, str(i), params.model_copy(update={"prompt": PROMPTS[i]}), **inputs)
 
 
 def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batch: int) -> None:
@@ -73,11 +98,18 @@ def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batc
     for p in requests:
         reference_cascade(reference, p)
     ref_s = time.perf_counter() - start
+    runners = {
+        ("request", True): "engine, request-level batching",
+        ("step", True): "engine, step-level batching",
+        ("step", False): "engine, step-level batching, batch invariance off",
+    }
     results = {}
-    for mode in ("request", "step"):
+    for mode, invariant in runners:
+        _set_batch_invariant(cascade, invariant)
         start = time.perf_counter()
         cascade.generate_many(requests, mode=mode, max_batch_size=batch)
-        results[mode] = time.perf_counter() - start
+        results[mode, invariant] = time.perf_counter() - start
+    _set_batch_invariant(cascade, True)
     print(
         f"\n## {n} requests arriving together, size {base.size}, steps "
         f"{base.stage1_steps}/{base.stage2_steps}/{base.stage3_steps}, max batch {batch}"
@@ -85,8 +117,8 @@ def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batc
     print("| runner | seconds | images/min | throughput vs reference |")
     print("|---|---|---|---|")
     print(f"| reference diffusers, one request at a time | {ref_s:.1f} | {60 * n / ref_s:.1f} | 1.00x |")
-    for mode, label in (("request", "engine, request-level batching"), ("step", "engine, step-level batching")):
-        s = results[mode]
+    for key, label in runners.items():
+        s = results[key]
         print(f"| {label} | {s:.1f} | {60 * n / s:.1f} | {ref_s / s:.2f}x |")
 
 
@@ -95,7 +127,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
     parser.add_argument("--checkpoints", type=Path, help="default: checkpoints/<preset> (written if missing)")
     parser.add_argument("--batch-sizes", default="1,2,4,8")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("-n", "--requests", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024, choices=[64, 256, 1024])
     parser.add_argument("--stage1-steps", type=int, default=10)

@@ -28,6 +28,7 @@ def build_app(config: ServeConfig) -> Application:
         device=config.model.device,
         dtype=config.model.dtype,
         variant=config.model.variant,
+        batch_invariant=config.model.batch_invariant,
     )
     enc = config.encoder
     encoder = TextEncoder.options(name="TextEncoder", **enc.deployment_options()).bind(

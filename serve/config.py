@@ -119,6 +119,8 @@ class ModelConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     variant: str | None = None  # e.g. "fp16" weight files
+    # Each request's image equals what it would be alone, whatever shared its batches (stages/batch_invariance.py).
+    batch_invariant: bool = True
 
     @field_validator("family")
     @classmethod

@@ -66,6 +66,7 @@ class TextEncoder:
         device: str = "cpu",
         dtype: str = "float32",
         variant: str | None = None,
+        batch_invariant: bool = True,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
         cache_size: int = 256,
@@ -73,7 +74,9 @@ class TextEncoder:
         self.threads, self.replica = configure_replica()
         spec = get_family(family)
         path = Path(checkpoints) / spec.encoder_folder
-        self.encoder = spec.load_encoder(path, device=device, torch_dtype=DTYPES[dtype], variant=variant)
+        self.encoder = spec.load_encoder(
+            path, device=device, torch_dtype=DTYPES[dtype], variant=variant, batch_invariant=batch_invariant
+        )
         self.cache: OrderedDict[tuple[str, str | None], TextEmbeddings] = OrderedDict()
         self.cache_size = cache_size
         self.hits = self.misses = self.batches = 0
@@ -127,6 +130,7 @@ class Stage:
         device: str = "cpu",
         dtype: str = "float32",
         variant: str | None = None,
+        batch_invariant: bool = True,
         max_batch_size: int = 8,
         mode: str = "step",
         max_replicas: int = 1,
@@ -134,7 +138,9 @@ class Stage:
         self.threads, self.replica = configure_replica()
         self.spec = get_family(family).stage(stage)
         path = Path(checkpoints) / self.spec.folder
-        engine = get_family(family).load_stage(stage, path, device=device, torch_dtype=DTYPES[dtype], variant=variant)
+        engine = get_family(family).load_stage(
+            stage, path, device=device, torch_dtype=DTYPES[dtype], variant=variant, batch_invariant=batch_invariant
+        )
         self.engine = engine
         batcher = StepBatcher(engine, max_batch_size=max_batch_size, mode=mode)
         metrics = StageMetrics(stage)

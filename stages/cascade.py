@@ -30,19 +30,22 @@ from stages.text_encoder import T5TextEncoder
 from stages.upscaler import StageIII
 
 
-def load_text_encoder(path, **kw) -> T5TextEncoder:
-    return T5TextEncoder(load_pipeline(path, expect=("IFPipeline",), exclude=("unet",), param="stage1", **kw))
+def load_text_encoder(path, batch_invariant: bool = True, **kw) -> T5TextEncoder:
+    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("unet",), param="stage1", **kw)
+    return T5TextEncoder(pipe, batch_invariant)
 
 
-def load_stage(stage: str, path, **kw) -> DenoisingStage:
+def load_stage(stage: str, path, batch_invariant: bool = True, **kw) -> DenoisingStage:
     """Load one denoising stage from its pipeline folder (text encoders of IF stages left out)."""
     if stage == "stage1":
-        return StageI(load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder",), param=stage, **kw))
+        pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder",), param=stage, **kw)
+        return StageI(pipe, batch_invariant)
     if stage == "stage2":
         pipe = load_pipeline(path, expect=("IFSuperResolutionPipeline",), exclude=("text_encoder",), param=stage, **kw)
-        return StageII(pipe)
+        return StageII(pipe, batch_invariant)
     if stage == "stage3":
-        return StageIII(load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=stage, **kw))
+        pipe = load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=stage, **kw)
+        return StageIII(pipe, batch_invariant)
     raise ValueError(f"stage: unknown stage {stage!r}")
 
 
@@ -70,9 +73,10 @@ class Cascade:
         device: str = "cpu",
         torch_dtype: torch.dtype | None = None,
         stages: tuple[str, ...] = ("stage1", "stage2", "stage3"),
+        batch_invariant: bool = True,
     ) -> Cascade:
         folders = cascade_folders(root, ("stage1", *stages))
-        kw = dict(device=device, torch_dtype=torch_dtype)
+        kw = dict(device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant)
         text_encoder = load_text_encoder(folders["stage1"], **kw)
         return cls(text_encoder, {s: load_stage(s, folders[s], **kw) for s in stages})
 

@@ -1,12 +1,19 @@
 """The step-batched denoising engine shared by the three stages.
 
-`step(tasks)` advances every task by one denoising step with ONE batched UNet call. Tasks may sit at
+`step(tasks)` advances every task by one denoising step with one batched UNet call (plus one for each
+task without guidance while batch invariance is on, see below). Tasks may sit at
 different timesteps (a per-sample timestep tensor), use different guidance scales, step counts,
-timestep lists and noise levels. The UNet batch is laid out as
-    [negative rows of the guided tasks] + [prompt rows of all tasks]
-so a task with guidance <= 1 costs one row, as in diffusers. Guidance and scheduler arithmetic then
-run per task, on that task's own scheduler copy and generator, in the same order as the reference
-pipeline; only the UNet call is shared.
+timestep lists and noise levels. Each task puts its rows into the batch as the reference pipeline lays
+out its own batch: [negative, prompt] under classifier-free guidance, [prompt] alone without. Guidance
+and scheduler arithmetic then run per task, on that task's own scheduler copy and generator, in the same
+order as the reference pipeline; only the UNet call is shared.
+
+Batch invariance (on by default): the UNet call runs under `RowGroups`, so each guided task's rows come
+out bit for bit as in the reference's own call (see `stages/batch_invariance.py`). A task without
+guidance is a single row, and a one-row kernel call cannot be reproduced from a slice of a larger batch
+(torch reads the layout of a size-1 batch dimension from its strides, which differ), so such a task gets
+a UNet call of its own. `batch_invariant=False` runs everything in one plain batched call: faster where
+kernels gain from batch size, with results within ~1e-3 of the reference instead of equal to it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from stages.batch_invariance import row_groups
 from stages.errors import InvalidParameter
 from stages.params import MAX_STEPS, TIMESTEP_LISTS
 from stages.task import StageOutput, StageRequest, Task
@@ -27,8 +35,9 @@ from stages.task import StageOutput, StageRequest, Task
 class DenoisingStage(ABC):
     name: str  # "stage1" / "stage2" / "stage3": the prefix of this stage's request parameters
 
-    def __init__(self, pipe: DiffusionPipeline):
+    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True):
         self.pipe = pipe
+        self.batch_invariant = batch_invariant
         self.unet = pipe.unet
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
@@ -55,32 +64,46 @@ class DenoisingStage(ABC):
     # ---- the batched step ------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, tasks: list[Task]) -> None:
-        if not tasks:
-            return
-        guided = [i for i, t in enumerate(tasks) if t.guided]
-        uncond_row = {task_index: row for row, task_index in enumerate(guided)}
-        rows = [tasks[i] for i in guided] + tasks
-        inputs = [self._model_input(t) for t in tasks]
-        model_input = torch.cat([inputs[i] for i in guided] + inputs)
-        timesteps = torch.stack([t.timestep for t in rows]).to(self.device)
-        hidden = torch.cat([t.uncond for t in rows[: len(guided)]] + [t.cond for t in tasks])
+        for shared in self._unet_batches(tasks):
+            for task, out in zip(shared, self._unet_call(shared), strict=True):
+                uncond, text = (out[:1], out[1:]) if task.guided else (None, out)
+                model_output = self._guide(task, uncond, text)
+                extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
+                step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
+                task.sample = step[0]
+                task.step_index += 1
+                task.unet_batch_sizes.append(len(tasks))
+
+    def _unet_batches(self, tasks: list[Task]) -> list[list[Task]]:
+        """Which tasks share a UNet call in this step."""
+        if not self.batch_invariant:
+            return [tasks] if tasks else []
+        guided = [t for t in tasks if t.guided]
+        return ([guided] if guided else []) + [[t] for t in tasks if not t.guided]
+
+    def _unet_call(self, tasks: list[Task]) -> tuple[torch.Tensor, ...]:
+        """One UNet call over the tasks' rows; returns each task's output rows."""
+        rows = [2 if t.guided else 1 for t in tasks]
+
+        def per_row(values: list) -> list:  # a task's value once for each of its rows
+            return [v for v, n in zip(values, rows, strict=True) for _ in range(n)]
+
+        model_input = torch.cat(per_row([self._model_input(t) for t in tasks]))
+        timesteps = torch.stack(per_row([t.timestep for t in tasks]))
+        hidden = torch.cat([h for t in tasks for h in ([t.uncond, t.cond] if t.guided else [t.cond])])
         class_labels = None
         if tasks[0].class_label is not None:
-            class_labels = torch.cat([t.class_label for t in rows])
-
-        out = self.unet(
-            model_input, timesteps, encoder_hidden_states=hidden, class_labels=class_labels, return_dict=False
-        )[0]
+            class_labels = torch.cat(per_row([t.class_label for t in tasks]))
+        with row_groups(rows, self.batch_invariant):
+            out = self.unet(
+                model_input,
+                timesteps.to(self.device),
+                encoder_hidden_states=hidden,
+                class_labels=class_labels,
+                return_dict=False,
+            )[0]
         self.unet_calls += 1
-
-        for i, task in enumerate(tasks):
-            text = out[len(guided) + i : len(guided) + i + 1]
-            uncond = out[uncond_row[i] : uncond_row[i] + 1] if task.guided else None
-            model_output = self._guide(task, uncond, text)
-            extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
-            task.sample = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)[0]
-            task.step_index += 1
-            task.unet_batch_sizes.append(len(tasks))
+        return out.split(rows)
 
     @torch.inference_mode()
     def run(self, requests: list[StageRequest]) -> list[StageOutput]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from stages.batch_invariance import row_groups
 from stages.engine import DenoisingStage
 from stages.errors import InvalidParameter
 from stages.task import StageOutput, StageRequest, Task
@@ -16,8 +17,8 @@ from stages.task import StageOutput, StageRequest, Task
 class StageIII(DenoisingStage):
     name = "stage3"
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
+    def __init__(self, pipe, batch_invariant: bool = True):
+        super().__init__(pipe, batch_invariant)
         self.max_noise_level = pipe.config.max_noise_level
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.force_upcast:
@@ -38,9 +39,10 @@ class StageIII(DenoisingStage):
         if not requests:
             return []
         # One batched CLIP forward for all admitted prompts; "" is what diffusers uses for no negative.
-        cond, uncond = self.pipe.encode_prompt(
-            [r.prompt for r in requests], self.device, 1, True, [r.negative_prompt or "" for r in requests]
-        )
+        with row_groups([1] * len(requests), self.batch_invariant):
+            cond, uncond = self.pipe.encode_prompt(
+                [r.prompt for r in requests], self.device, 1, True, [r.negative_prompt or "" for r in requests]
+            )
         tasks = []
         for i, request in enumerate(requests):
             generator = self._generator(request)

@@ -1,5 +1,5 @@
 """Helpers for the tests that run the Ray Serve application: a config from deploy/local.yaml with
-overrides, decoding served images, and polling a deployment's stats."""
+overrides, the reference images as a replica computes them, decoding served images, and polling."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ import copy
 import io
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import torch
 import yaml
 
 from serve.config import ServeConfig, parse_config
+from stages.images import to_pil
+from stages.params import GenerationParams
+from tests.reference import reference_cascade
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +42,28 @@ def serving_config(checkpoints: Path, tmp: Path, **overrides) -> ServeConfig:
     data = _merge(data, {"model": {"checkpoints": str(checkpoints)}, "http": {"port": free_port()}})
     data = _merge(data, {"ingress": {"image_dir": str(tmp / "images")}})
     return parse_config(_merge(data, overrides))
+
+
+# deploy/local.yaml gives every replica one CPU, hence one torch thread. On CPU the thread count is part
+# of the numerics (kernels split reductions by thread), so the oracle runs with the replicas' count.
+REPLICA_THREADS = 1
+
+
+@contextmanager
+def torch_threads(threads: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference_images(reference_pipes, params: GenerationParams) -> dict[int, np.ndarray]:
+    """The seed's reference code's images by size, as 8-bit pixels, computed as a replica computes."""
+    with torch_threads(REPLICA_THREADS):
+        images, _ = reference_cascade(reference_pipes, params)
+    return {size: pixels(to_pil(image)) for size, image in images.items()}
 
 
 def decode(b64: str) -> np.ndarray:

@@ -17,10 +17,8 @@ from ray import serve
 
 from serve import local_cluster
 from serve.app import APP_NAME
-from stages.images import to_pil
 from stages.params import GenerationParams
-from tests.reference import reference_cascade
-from tests.serving import decode, pixels, serving_config, wait_for
+from tests.serving import REPLICA_THREADS, decode, pixels, reference_images, serving_config, torch_threads, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -56,8 +54,7 @@ def generate(client, size: int = 1024, **fields):
 
 
 def reference_pixels(reference_pipes, params: GenerationParams) -> np.ndarray:
-    images, _ = reference_cascade(reference_pipes, params)
-    return pixels(to_pil(images[params.size]))
+    return reference_images(reference_pipes, params)[params.size]
 
 
 def level_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -71,8 +68,10 @@ def test_served_image_equals_in_process_cascade_and_reference(client, cascade, r
     params = GenerationParams(**fields)
     served = decode(response.data[0].b64_json)
     assert served.shape == (1024, 1024, 3)
-    assert level_diff(served, pixels(cascade.generate(params).image)) <= 1
-    assert level_diff(served, reference_pixels(reference_pipes, params)) <= 1
+    with torch_threads(REPLICA_THREADS):
+        in_process = pixels(cascade.generate(params).image)
+    assert level_diff(served, in_process) == 0
+    assert level_diff(served, reference_pixels(reference_pipes, params)) == 0
     extra = response.data[0].model_extra
     assert extra["seed"] == 11
     assert [s["stage"] for s in extra["stages"]] == ["stage1", "stage2", "stage3"]
@@ -117,7 +116,7 @@ def test_concurrent_requests_with_other_parameters_each_equal_the_reference(clie
     for case, response in zip(cases, responses, strict=True):
         params = GenerationParams(**case)
         served = decode(response.data[0].b64_json)
-        assert level_diff(served, reference_pixels(reference_pipes, params)) <= 1, case["prompt"]
+        assert level_diff(served, reference_pixels(reference_pipes, params)) == 0, case["prompt"]
         shared += max(s["max_batch"] for s in response.data[0].model_extra["stages"]) > 1
     assert shared >= 2  # they really ran together in some stage
 
@@ -127,7 +126,7 @@ def test_n_images_use_consecutive_seeds(client, reference_pipes):
     assert [d.model_extra["seed"] for d in response.data] == [40, 41, 42]
     for i, item in enumerate(response.data):
         params = GenerationParams(prompt="a small cabin in the snow", size=64, seed=40 + i, stage1_steps=5)
-        assert level_diff(decode(item.b64_json), reference_pixels(reference_pipes, params)) <= 1
+        assert level_diff(decode(item.b64_json), reference_pixels(reference_pipes, params)) == 0
 
 
 def test_url_response_format_serves_the_png(client, url):
@@ -162,9 +161,9 @@ def test_streaming_sends_a_preview_per_stage_then_the_image(client, reference_pi
     ]
     assert [e.size for e in events] == ["64x64", "256x256", "1024x1024"]
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
-    images, _ = reference_cascade(reference_pipes, GenerationParams(**fields))
+    images = reference_images(reference_pipes, GenerationParams(**fields))
     for event, size in zip(events, (64, 256, 1024), strict=True):
-        assert level_diff(decode(event.b64_json), pixels(to_pil(images[size]))) <= 1, size
+        assert level_diff(decode(event.b64_json), images[size]) == 0, size
 
 
 @pytest.mark.parametrize(
@@ -231,7 +230,7 @@ def test_a_request_sent_mid_denoise_shares_unet_calls(client, reference_pipes):
     assert short.data[0].model_extra["stages"][0]["max_batch"] == 2
     assert long["r"].data[0].model_extra["stages"][0]["max_batch"] == 2
     params = GenerationParams(prompt="a short one", seed=2, size=64, stage1_steps=5)
-    assert level_diff(decode(short.data[0].b64_json), reference_pixels(reference_pipes, params)) <= 1
+    assert level_diff(decode(short.data[0].b64_json), reference_pixels(reference_pipes, params)) == 0
     after = stats("StageI")
     # Two requests, 65 task-steps, fewer UNet calls than that: five steps were shared.
     assert after["task_steps"] - before["task_steps"] == 65
@@ -266,7 +265,7 @@ def test_a_disconnected_client_cancels_its_tasks(url, client, reference_pipes, s
     survivor.join(timeout=120)
     assert after["task_steps"] - before["task_steps"] < 500  # it did not run to the end
     params = GenerationParams(prompt="a survivor", seed=4, size=256, stage1_steps=12, stage2_steps=3)
-    assert level_diff(decode(other["r"].data[0].b64_json), reference_pixels(reference_pipes, params)) <= 1
+    assert level_diff(decode(other["r"].data[0].b64_json), reference_pixels(reference_pipes, params)) == 0
 
 
 def test_repeated_prompts_hit_the_embedding_cache(client):

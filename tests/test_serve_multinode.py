@@ -5,6 +5,7 @@ crossing all the nodes still equals the reference."""
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 import ray
 from ray import serve
@@ -12,10 +13,8 @@ from ray.cluster_utils import Cluster
 
 from serve import local_cluster
 from serve.app import APP_NAME
-from stages.images import to_pil
 from stages.params import GenerationParams
-from tests.reference import reference_cascade
-from tests.serving import decode, pixels, serving_config
+from tests.serving import decode, reference_images, serving_config
 
 pytestmark = pytest.mark.serve
 
@@ -64,6 +63,6 @@ def test_an_image_crosses_the_nodes_and_equals_the_reference(cluster, reference_
     fields = dict(prompt="a windmill in a field of tulips", seed=21, stage1_steps=5, stage2_steps=2, stage3_steps=2)
     response = httpx.post(f"{url}/v1/images/generations", json=fields, timeout=600)
     assert response.status_code == 200, response.text
-    images, _ = reference_cascade(reference_pipes, GenerationParams(**fields))
+    reference = reference_images(reference_pipes, GenerationParams(**fields))[1024]
     served = decode(response.json()["data"][0]["b64_json"])
-    assert int(abs(served - pixels(to_pil(images[1024]))).max()) <= 1
+    assert np.array_equal(served, reference)

@@ -1,0 +1,85 @@
+"""Batch invariance: a task's rows come out of a shared forward pass bit for bit as if it ran alone.
+
+Kernels choose their algorithm, blocking and reduction order from the shape of the whole input: oneDNN
+runs a minibatch-1 convolution differently from a minibatch-8 one, a GEMM with 2 rows differently from
+one with 16, group norm parallelises differently. Each choice is deterministic, but the results differ
+in the last bits (~1e-6), and IF's DDPM step amplifies that: at high noise its x0 prediction divides by
+sqrt(alpha_bar_t), so one shared step moves pixels by up to ~1e-3.
+
+`RowGroups` is a torch function mode that closes that gap. While it is active, every op that reduces
+across features (linear, convolution, normalisation, attention) runs once per task, on exactly the rows
+the reference pipeline hands that kernel for that task (its [negative, prompt] pair under guidance, its
+single row without), and the result is put back together. Element-wise work between those ops runs on
+the whole batch: it computes each element alone, whatever the batch. Same kernel, same shape, same
+input: same bits as the reference. The price is that those kernels no longer see one large batch;
+`benchmarks/bench_stages.py` measures it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+# Functions whose per-row output depends on the batch's shape, and which of their arguments carry the
+# batch: positions, and keyword names for the same arguments given by keyword.
+_BATCHED_ARGS: dict[Callable, tuple[tuple[int, ...], tuple[str, ...]]] = {
+    F.linear: ((0,), ("input",)),
+    F.conv1d: ((0,), ("input",)),
+    F.conv2d: ((0,), ("input",)),
+    F.group_norm: ((0,), ("input",)),
+    F.layer_norm: ((0,), ("input",)),
+    F.scaled_dot_product_attention: ((0, 1, 2, 3), ("query", "key", "value", "attn_mask")),
+}
+
+
+class RowGroups(TorchFunctionMode):
+    """Run the batch-sensitive ops of a forward pass once per group of consecutive rows.
+
+    `sizes` are the group sizes in row order (they must sum to the batch size the model is called with).
+    A batched argument whose leading dimension is not that batch size means the model reshaped the batch
+    into something this mode cannot split: that raises rather than silently losing invariance.
+    """
+
+    def __init__(self, sizes: Sequence[int]):
+        super().__init__()
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"sizes: must be positive group sizes, got {list(sizes)}")
+        self.sizes = list(sizes)
+        self.rows = sum(self.sizes)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spec = _BATCHED_ARGS.get(func)
+        if spec is None or len(self.sizes) == 1:
+            return func(*args, **kwargs)
+        positions, names = spec
+        parts = []
+        start = 0
+        for size in self.sizes:
+            rows = slice(start, start + size)
+            start += size
+            part_args = [self._rows(a, rows, func) if i in positions else a for i, a in enumerate(args)]
+            part_kwargs = {k: self._rows(v, rows, func) if k in names else v for k, v in kwargs.items()}
+            parts.append(func(*part_args, **part_kwargs))
+        return torch.cat(parts)
+
+    def _rows(self, value, rows: slice, func: Callable):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.ndim and value.shape[0] == self.rows:
+            return value[rows]
+        if value.ndim and value.shape[0] == 1 and func is F.scaled_dot_product_attention:
+            return value  # a mask broadcast over the batch
+        raise RuntimeError(
+            f"{getattr(func, '__name__', func)} got an input with leading dimension {value.shape[0]} "
+            f"inside a forward pass over {self.rows} rows; batch invariance cannot split it"
+        )
+
+
+def row_groups(sizes: Sequence[int], enabled: bool = True) -> AbstractContextManager:
+    """`RowGroups(sizes)` when it is enabled and there is more than one group to keep apart."""
+    return RowGroups(sizes) if enabled and len(sizes) > 1 else nullcontext()

@@ -1,0 +1,74 @@
+"""Batch invariance: a task's UNet rows out of a shared call are bit for bit those of its own call."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.batch_invariance import RowGroups
+from stages.batching import StepBatcher
+from stages.cascade import stage_request
+from stages.params import GenerationParams
+
+
+def _unet_inputs(unet, rows: int, size: int, seed: int = 0):
+    config = unet.config
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(rows, config.in_channels, size, size, generator=g)
+    hidden = torch.randn(rows, 77, config.encoder_hid_dim or config.cross_attention_dim, generator=g)
+    timesteps = torch.randint(0, 1000, (rows,), generator=g)
+    labels = torch.randint(0, 250, (rows,), generator=g) if config.class_embed_type or config.num_class_embeds else None
+    return sample, timesteps, hidden, labels
+
+
+def _call(unet, sample, timesteps, hidden, labels, rows=slice(None)):
+    labels = None if labels is None else labels[rows]
+    return unet(sample[rows], timesteps[rows], encoder_hidden_states=hidden[rows], class_labels=labels).sample
+
+
+@pytest.mark.parametrize("stage,size", [("stage1", 64), ("stage2", 256), ("stage3", 64)])
+@torch.inference_mode()
+def test_each_tasks_rows_equal_its_own_call(cascade, stage, size):
+    """Four [negative, prompt] pairs at different timesteps in one call, each equal to the pair alone."""
+    unet = cascade.stages[stage].unet
+    inputs = _unet_inputs(unet, 8, size)
+    with RowGroups([2, 2, 2, 2]):
+        shared = _call(unet, *inputs)
+    for start in range(0, 8, 2):
+        alone = _call(unet, *inputs, rows=slice(start, start + 2))
+        assert torch.equal(shared[start : start + 2], alone), start
+
+
+def test_an_input_it_cannot_split_is_an_error_not_a_silent_drift():
+    weight = torch.randn(4, 3)
+    with RowGroups([2, 2]):
+        F.linear(torch.randn(4, 3), weight)  # 4 rows: split in two
+        with pytest.raises(RuntimeError, match="leading dimension 6 inside a forward pass over 4 rows"):
+            F.linear(torch.randn(6, 3), weight)
+
+
+@pytest.mark.parametrize("sizes", [[], [2, 0], [-1]])
+def test_group_sizes_must_be_positive(sizes):
+    with pytest.raises(ValueError, match="sizes"):
+        RowGroups(sizes)
+
+
+@pytest.mark.parametrize("invariant,calls_per_step", [(True, 3), (False, 1)])
+def test_unguided_tasks_get_their_own_call_only_when_invariant(cascade, invariant, calls_per_step):
+    """Two guided tasks share one call; each unguided task (one row) needs its own to be exact."""
+    engine = cascade.stages["stage1"]
+    requests = []
+    for i, guidance in enumerate([7.0, 7.0, 1.0, 1.0]):
+        params = GenerationParams(prompt=f"prompt {i}", seed=i, stage1_steps=2, stage1_guidance=guidance)
+        emb = cascade.text_encoder.encode([params.prompt])[0]
+        requests.append(stage_request("stage1", str(i), params, seed=params.seed, embeddings=emb))
+    engine.batch_invariant = invariant
+    try:
+        batcher = StepBatcher(engine, max_batch_size=4)
+        for request in requests:
+            batcher.submit(request)
+        before = engine.unet_calls
+        outputs = batcher.run_until_idle()
+    finally:
+        engine.batch_invariant = True
+    assert len(outputs) == 4 and list(batcher.batch_sizes) == [4, 4]
+    assert engine.unet_calls - before == 2 * calls_per_step
