@@ -72,7 +72,7 @@ def run_demo(
         contact_sheet(pictures).save(out / "contact-sheet.png")
 
         progress(f"\n{len(prompts)} images in {wall:.1f} s; saved to {out}/demo-*.png and {out}/contact-sheet.png")
-        progress("per-stage timings (queue wait + run time, and the most requests that shared a UNet call):")
+        progress("per-stage timings (queue wait + run time, and the most requests that shared a step):")
         for i, (response, seconds) in enumerate(answers):
             stages = response.data[0].model_extra.get("stages", [])
             parts = [

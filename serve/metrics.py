@@ -42,7 +42,7 @@ class StageMetrics:
         self.step_duration = tagged(
             metrics.Histogram(
                 "ifserve_stage_step_duration_seconds",
-                "Duration of one batched denoising step (one UNet call).",
+                "Duration of one batched denoising step.",
                 SECONDS,
                 tag_keys=keys,
             )

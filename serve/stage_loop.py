@@ -31,7 +31,7 @@ class StageRecord:
     queue_seconds: float  # submitted -> first step
     run_seconds: float  # first step -> finished
     steps: int
-    max_batch: int  # most requests that shared one of its UNet calls
+    max_batch: int  # most requests that shared one of its steps
     replica: str = ""
 
 
@@ -186,7 +186,7 @@ class StageLoop:
                 queue_seconds=started - pending.submitted_at,
                 run_seconds=end - started,
                 steps=output.steps,
-                max_batch=max(output.unet_batch_sizes, default=0),
+                max_batch=max(output.step_batch_sizes, default=0),
                 replica=self.replica,
             )
             self.stats.completed += 1

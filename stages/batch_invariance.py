@@ -6,12 +6,15 @@ one with 16, group norm parallelises differently. Each choice is deterministic, 
 in the last bits (~1e-6), and IF's DDPM step amplifies that: at high noise its x0 prediction divides by
 sqrt(alpha_bar_t), so one shared step moves pixels by up to ~1e-3.
 
-`RowGroups` is a torch function mode that closes that gap. While it is active, every op that reduces
-across features (linear, convolution, normalisation, attention) runs once per task, on exactly the rows
-the reference pipeline hands that kernel for that task (its [negative, prompt] pair under guidance, its
-single row without), and the result is put back together. Element-wise work between those ops runs on
-the whole batch: it computes each element alone, whatever the batch. Same kernel, same shape, same
-input: same bits as the reference. The price is that those kernels no longer see one large batch;
+`RowGroups` is a torch function mode that closes that gap. While it is active, the ops whose kernels
+choose by batch shape (linear, convolution, group and layer norm, scaled-dot-product attention) run once
+per task, on exactly the rows the reference pipeline hands that kernel for that task (its [negative,
+prompt] pair under guidance), and the results are put back together. Same kernel, same shape, same
+input: same bits as the reference. Everything else runs on the whole batch: element-wise work, which
+computes each element alone, and a few small reductions that give each row its own result on the
+kernels measured here (softmax, mean and einsum in IF's text-time attention pooling, T5's RMS norm).
+That assumption is checked, not trusted: tests/test_batch_invariance.py compares each task's UNet rows
+with its own call bit for bit. The price is that the split kernels no longer see one large batch;
 `benchmarks/bench_stages.py` measures it.
 """
 
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 # Functions whose per-row output depends on the batch's shape, and which of their arguments carry the
-# batch: positions, and keyword names for the same arguments given by keyword.
+# batch: positions, and keyword names for the same arguments given by keyword. (An attention mask
+# without a batch dimension of its own is passed whole.)
 _BATCHED_ARGS: dict[Callable, tuple[tuple[int, ...], tuple[str, ...]]] = {
     F.linear: ((0,), ("input",)),
     F.conv1d: ((0,), ("input",)),
@@ -57,25 +61,29 @@ class RowGroups(TorchFunctionMode):
         if spec is None or len(self.sizes) == 1:
             return func(*args, **kwargs)
         positions, names = spec
+        first = args[0] if args else kwargs.get(names[0])  # the input, or attention's query
         parts = []
         start = 0
         for size in self.sizes:
             rows = slice(start, start + size)
             start += size
-            part_args = [self._rows(a, rows, func) if i in positions else a for i, a in enumerate(args)]
-            part_kwargs = {k: self._rows(v, rows, func) if k in names else v for k, v in kwargs.items()}
+            part_args = [self._rows(a, rows, func, first) if i in positions else a for i, a in enumerate(args)]
+            part_kwargs = {k: self._rows(v, rows, func, first) if k in names else v for k, v in kwargs.items()}
             parts.append(func(*part_args, **part_kwargs))
         return torch.cat(parts)
 
-    def _rows(self, value, rows: slice, func: Callable):
+    def _rows(self, value, rows: slice, func: Callable, first: torch.Tensor):
         if not isinstance(value, torch.Tensor):
             return value
+        if func is F.scaled_dot_product_attention and value.ndim < first.ndim:
+            return value  # a mask with no batch dimension, e.g. (L, S): the same for every row
         if value.ndim and value.shape[0] == self.rows:
             return value[rows]
         if value.ndim and value.shape[0] == 1 and func is F.scaled_dot_product_attention:
             return value  # a mask broadcast over the batch
+        leading = value.shape[0] if value.ndim else "none (a scalar)"
         raise RuntimeError(
-            f"{getattr(func, '__name__', func)} got an input with leading dimension {value.shape[0]} "
+            f"{getattr(func, '__name__', func)} got an input with leading dimension {leading} "
             f"inside a forward pass over {self.rows} rows; batch invariance cannot split it"
         )
 

@@ -10,10 +10,11 @@ order as the reference pipeline; only the UNet call is shared.
 
 Batch invariance (on by default): the UNet call runs under `RowGroups`, so each guided task's rows come
 out bit for bit as in the reference's own call (see `stages/batch_invariance.py`). A task without
-guidance is a single row, and a one-row kernel call cannot be reproduced from a slice of a larger batch
-(torch reads the layout of a size-1 batch dimension from its strides, which differ), so such a task gets
-a UNet call of its own. `batch_invariant=False` runs everything in one plain batched call: faster where
-kernels gain from batch size, with results within ~1e-3 of the reference instead of equal to it.
+guidance is a single row, which cannot be split off: in the UNet some one-row tensors take their memory
+layout from views that exist only when the batch is 1 (a slice of a larger batch keeps other strides,
+and group norm picks its kernel by them), so such a task gets a UNet call of its own.
+`batch_invariant=False` runs everything in one plain batched call: faster where kernels gain from batch
+size, with results a few 1e-3 at most from the reference instead of equal to it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class DenoisingStage(ABC):
 
     def finish(self, task: Task) -> StageOutput:
         return StageOutput(
-            task.request_id, task.sample, task.generator.get_state(), task.step_index, task.unet_batch_sizes
+            task.request_id, task.sample, task.generator.get_state(), task.step_index, task.step_batch_sizes
         )
 
     # ---- the batched step ------------------------------------------------------------------
@@ -72,7 +73,7 @@ class DenoisingStage(ABC):
                 step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
                 task.sample = step[0]
                 task.step_index += 1
-                task.unet_batch_sizes.append(len(tasks))
+                task.step_batch_sizes.append(len(tasks))
 
     def _unet_batches(self, tasks: list[Task]) -> list[list[Task]]:
         """Which tasks share a UNet call in this step."""

@@ -50,7 +50,7 @@ class Task:
     class_label: torch.Tensor | None = None  # noise level fed as the UNet's class label
     step_index: int = 0
     cancelled: bool = False
-    unet_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps
+    step_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps
 
     @property
     def request_id(self) -> str:
@@ -75,4 +75,4 @@ class StageOutput:
     image: torch.Tensor  # (1, 3, H, W) in [-1, 1]: IF stages unclamped (as their output_type="pt"), stage III clamped
     generator_state: torch.Tensor
     steps: int = 0  # denoising steps it ran
-    unet_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps
+    step_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps

@@ -85,4 +85,4 @@ class StageIII(DenoisingStage):
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         # The pipeline's postprocess clamps the decoded image; the final stage's output is that image.
         image = image.clamp(-1.0, 1.0)
-        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index, task.unet_batch_sizes)
+        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index, task.step_batch_sizes)

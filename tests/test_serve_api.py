@@ -1,6 +1,6 @@
 """The served application end to end, over real HTTP on a real local Ray cluster with the pools
-declared as logical resources: images equal the in-process cascade and the seed's reference code
-(within one 8-bit level) alone and under concurrent traffic, the OpenAI client works unchanged,
+declared as logical resources: images are pixel-identical to the in-process cascade and the seed's
+reference code, alone and under concurrent traffic, the OpenAI client works unchanged,
 streaming, errors, step-level batching and cancellation. One Ray session for the whole module."""
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def test_served_image_equals_in_process_cascade_and_reference(client, cascade, r
     assert served.shape == (1024, 1024, 3)
     with torch_threads(REPLICA_THREADS):
         in_process = pixels(cascade.generate(params).image)
+    # The oracle runs with the replicas' torch thread count (tests/serving.py says why).
+    for deployment in ("TextEncoder", "StageI", "StageII", "StageIII"):
+        assert stats(deployment)["torch_threads"] == REPLICA_THREADS, deployment
     assert level_diff(served, in_process) == 0
     assert level_diff(served, reference_pixels(reference_pipes, params)) == 0
     extra = response.data[0].model_extra
