@@ -36,12 +36,6 @@ PROMPTS = [
 ]
 
 
-def _set_batch_invariant(cascade: Cascade, on: bool) -> None:
-    cascade.text_encoder.batch_invariant = on
-    for engine in cascade.stages.values():
-        engine.batch_invariant = on
-
-
 def step_time_by_batch(cascade: Cascade, batch_sizes: list[int], repeats: int) -> None:
     """Batch invariance on and off are timed step by step, interleaved in alternating order, so drift
     hits both alike. At batch 1 both run the same code: that column's ratio is the run's noise floor."""
@@ -105,11 +99,11 @@ def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batc
     }
     results = {}
     for mode, invariant in runners:
-        _set_batch_invariant(cascade, invariant)
+        cascade.set_batch_invariant(invariant)
         start = time.perf_counter()
         cascade.generate_many(requests, mode=mode, max_batch_size=batch)
         results[mode, invariant] = time.perf_counter() - start
-    _set_batch_invariant(cascade, True)
+    cascade.set_batch_invariant(True)
     print(
         f"\n## {n} requests arriving together, size {base.size}, steps "
         f"{base.stage1_steps}/{base.stage2_steps}/{base.stage3_steps}, max batch {batch}"

@@ -80,6 +80,12 @@ class Cascade:
         text_encoder = load_text_encoder(folders["stage1"], **kw)
         return cls(text_encoder, {s: load_stage(s, folders[s], **kw) for s in stages})
 
+    def set_batch_invariant(self, on: bool) -> None:
+        """Batch invariance for the text encoder and every stage (stages/batch_invariance.py)."""
+        self.text_encoder.batch_invariant = on
+        for stage in self.stages.values():
+            stage.batch_invariant = on
+
     def generate(self, params: GenerationParams) -> CascadeResult:
         return self.generate_many([params])[0]
 
