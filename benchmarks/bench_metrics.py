@@ -3,8 +3,8 @@ measured in one run, printed as a ratio; plus the cost of one step's worth of me
 
     python -m benchmarks.bench_metrics [--checkpoints checkpoints/tiny] [--requests 8] [--steps 25]
 
-It runs `StageLoop` over stage I of the tiny preset (the cheapest UNet step there is, so the worst case
-for a fixed per-step cost) inside a local Ray, where `ray.serve.metrics` records as in a replica.
+It runs `StageLoop` over the first stage of the tiny preset, IF's stage I (the cheapest UNet step there
+is, so the worst case for a fixed per-step cost) inside a local Ray, where `ray.serve.metrics` records as in a replica.
 """
 
 from __future__ import annotations
@@ -23,20 +23,25 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from serve.metrics import StageMetrics  # noqa: E402
-from serve.stage_loop import StageLoop  # noqa: E402
-from stages.batching import StepBatcher  # noqa: E402
-from stages.cascade import load_stage, load_text_encoder  # noqa: E402
-from stages.families import stage_request  # noqa: E402
-from stages.params import GenerationParams  # noqa: E402
+from stages.checkpoints import write_checkpoints  # noqa: E402
+from stages.families import DEEPFLOYD_IF  # noqa: E402
+from stages.scheduler import StageScheduler  # noqa: E402
+from stages.stage_loop import StageLoop  # noqa: E402
+
+FAMILY = DEEPFLOYD_IF
+FIRST = FAMILY.stages[0]
 
 
 async def run_loop(engine, embeddings, metrics, requests: int, steps: int) -> float:
     """Seconds per batched step for `requests` arriving together, `steps` steps each."""
-    loop = StageLoop(StepBatcher(engine, max_batch_size=requests), "stage1", metrics=metrics)
-    params = GenerationParams(prompt="x", stage1_steps=steps)
+    loop = StageLoop(engine, StageScheduler(max_batch_size=requests), metrics=metrics).start()
+    params = FAMILY.params(prompt="x", **{f"{FIRST.name}_steps": steps})
     start = time.perf_counter()
     await asyncio.gather(
-        *(loop.run(stage_request("stage1", str(i), params, embeddings=embeddings, seed=i)) for i in range(requests))
+        *(
+            loop.run(str(i), FAMILY.stage_request(FIRST, str(i), params, embeddings=embeddings, seed=i))
+            for i in range(requests)
+        )
     )
     elapsed = time.perf_counter() - start
     executed = loop.stats.steps
@@ -64,15 +69,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="off/on pairs, interleaved")
     args = parser.parse_args()
 
-    if not (args.checkpoints / "IF-I").is_dir():
-        from stages.checkpoints import write_checkpoints
-
-        write_checkpoints("tiny", args.checkpoints)
+    if not args.checkpoints.is_dir() or not any(args.checkpoints.iterdir()):
+        write_checkpoints(FAMILY, "tiny", args.checkpoints)
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
     torch.set_num_threads(os.cpu_count() or 1)
-    engine = load_stage("stage1", args.checkpoints / "IF-I")
-    embeddings = load_text_encoder(args.checkpoints / "IF-I").encode(["a red bicycle"])[0]
-    metrics = StageMetrics("stage1")
+    engine = FAMILY.load_stage(FIRST.name, args.checkpoints)
+    embeddings = FAMILY.load_encoder_from(args.checkpoints).encode(["a red bicycle"])[0]
+    metrics = StageMetrics(FIRST.name)
 
     asyncio.run(run_loop(engine, embeddings, None, args.requests, 3))  # warm-up
     off, on = [], []
@@ -84,7 +87,7 @@ def main() -> None:
 
     step_off, step_on = statistics.median(off), statistics.median(on)
     print(
-        f"\n## Stage loop with metrics off vs on (tiny stage I, {args.requests} requests x {args.steps} steps, "
+        f"\n## Stage loop with metrics off vs on (tiny {FIRST.name}, {args.requests} requests x {args.steps} steps, "
         f"median of {args.rounds})"
     )
     print("| metrics | ms per batched step | vs off |")
@@ -93,7 +96,7 @@ def main() -> None:
     print(f"| on | {step_on * 1000:.2f} | {step_on / step_off:.3f}x |")
     print(
         f"\nOne step's metric recordings, timed alone: {cost * 1e6:.1f} us = "
-        f"{cost / step_off * 100:.2f}% of a tiny stage I step"
+        f"{cost / step_off * 100:.2f}% of a tiny {FIRST.name} step"
     )
 
 

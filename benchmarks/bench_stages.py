@@ -6,6 +6,8 @@
    reference diffusers pipelines called one request at a time.
 
     python -m benchmarks.bench_stages --preset small --checkpoints checkpoints/small
+
+Stages, sizes and request fields come from the family (DeepFloyd IF).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from stages.cascade import Cascade, stage_request  # noqa: E402
-from stages.params import GenerationParams  # noqa: E402
+from stages.cascade import Cascade  # noqa: E402
+from stages.checkpoints import write_checkpoints  # noqa: E402
+from stages.families import DEEPFLOYD_IF  # noqa: E402
+from stages.families.deepfloyd_if import GenerationParams  # noqa: E402
+
+FAMILY = DEEPFLOYD_IF
 
 PROMPTS = [
     "a photo of a kangaroo",
@@ -47,13 +53,12 @@ def step_time_by_batch(cascade: Cascade, batch_sizes: list[int], repeats: int) -
     )
     print("|---|---|" + "---|" * (len(batch_sizes) + 1))
     embeddings = cascade.text_encoder.encode(PROMPTS[: max(batch_sizes)])
-    params = GenerationParams(prompt="x", stage1_steps=500, stage2_steps=500, stage3_steps=500)
+    params = GenerationParams(prompt="x", **{f"{spec.name}_steps": 500 for spec in FAMILY.stages})
     cost = {}
     for stage_name, engine in cascade.stages.items():
-        size = {"stage1": 64, "stage2": 256, "stage3": 1024}[stage_name]
         ms: dict[bool, list[float]] = {True: [], False: []}  # by batch invariance: per batch size
         for b in batch_sizes:
-            tasks = engine.admit([_request(stage_name, size, i, params, embeddings) for i in range(b)])
+            tasks = engine.admit([_request(stage_name, i, params, embeddings) for i in range(b)])
             samples: dict[bool, list[float]] = {True: [], False: []}
             for round_ in range(repeats + 1):  # round 0 warms up; the order alternates (ABBA)
                 for invariant in (True, False) if round_ % 2 else (False, True):
@@ -75,13 +80,15 @@ def step_time_by_batch(cascade: Cascade, batch_sizes: list[int], repeats: int) -
         print(f"- {stage_name}: " + ", ".join(f"{r:.2f}x" for r in ratios))
 
 
-def _request(stage_name: str, size: int, i: int, params: GenerationParams, embeddings):
-    inputs = {"seed": i}
-    if stage_name != "stage1":
-        inputs["image"] = torch.rand(1, 3, size // 4, size // 4) * 2 - 1
-    if stage_name != "stage3":
-        inputs["embeddings"] = embeddings[i]
-    return stage_request(stage_name, str(i), params.model_copy(update={"prompt": PROMPTS[i]}), **inputs)
+def _request(stage_name: str, i: int, params: GenerationParams, embeddings):
+    """Work order i for a stage; a later stage gets a random image of its predecessor's size."""
+    spec = FAMILY.stage(stage_name)
+    inputs = {"seed": i, "embeddings": embeddings[i]}
+    position = FAMILY.stages.index(spec)
+    if position:
+        previous = FAMILY.stages[position - 1].output_size
+        inputs["image"] = torch.rand(1, 3, previous, previous) * 2 - 1
+    return FAMILY.stage_request(spec, str(i), params.model_copy(update={"prompt": PROMPTS[i]}), **inputs)
 
 
 def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batch: int) -> None:
@@ -104,10 +111,8 @@ def throughput(cascade: Cascade, reference, n: int, base: GenerationParams, batc
         cascade.generate_many(requests, mode=mode, max_batch_size=batch)
         results[mode, invariant] = time.perf_counter() - start
     cascade.set_batch_invariant(True)
-    print(
-        f"\n## {n} requests arriving together, size {base.size}, steps "
-        f"{base.stage1_steps}/{base.stage2_steps}/{base.stage3_steps}, max batch {batch}"
-    )
+    steps = "/".join(str(base.stage(spec.name).steps) for spec in FAMILY.stages_for(base.size))
+    print(f"\n## {n} requests arriving together, size {base.size}, steps {steps}, max batch {batch}")
     print("| runner | seconds | images/min | throughput vs reference |")
     print("|---|---|---|---|")
     print(f"| reference diffusers, one request at a time | {ref_s:.1f} | {60 * n / ref_s:.1f} | 1.00x |")
@@ -123,30 +128,23 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("-n", "--requests", type=int, default=4)
-    parser.add_argument("--size", type=int, default=1024, choices=[64, 256, 1024])
-    parser.add_argument("--stage1-steps", type=int, default=10)
-    parser.add_argument("--stage2-steps", type=int, default=4)
-    parser.add_argument("--stage3-steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=FAMILY.sizes[-1], choices=FAMILY.sizes)
+    parser.add_argument("--steps", default="10,4,4", help="denoising steps of each stage, in order")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = args.checkpoints or Path("checkpoints") / args.preset
-    if not (root / "IF-I").is_dir():
-        from stages.checkpoints import write_checkpoints
-
+    if not root.is_dir() or not any(root.iterdir()):
         print(f"writing the {args.preset} checkpoints to {root}")
-        write_checkpoints(args.preset, root)
+        write_checkpoints(FAMILY, args.preset, root)
     from tests.reference import load_reference
 
     cascade = Cascade.from_checkpoints(root)
     print(f"# Stage engine benchmark: preset {args.preset}, {args.threads} CPU threads, torch {torch.__version__}")
     step_time_by_batch(cascade, [int(b) for b in args.batch_sizes.split(",")], args.repeats)
+    steps = [int(s) for s in args.steps.split(",")]
     base = GenerationParams(
-        prompt="x",
-        size=args.size,
-        stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps,
-        stage3_steps=args.stage3_steps,
+        prompt="x", size=args.size, **{f"{spec.name}_steps": n for spec, n in zip(FAMILY.stages, steps, strict=True)}
     )
     throughput(cascade, load_reference(root), args.requests, base, max(int(b) for b in args.batch_sizes.split(",")))
 

@@ -16,6 +16,8 @@ from ray.serve import Application
 from serve.config import ServeConfig, load_config
 from serve.deployments import Stage, TextEncoder
 from serve.ingress import Ingress
+from stages.checkpoints import write_checkpoints
+from stages.errors import CheckpointError
 
 APP_NAME = "ifserve"
 
@@ -23,7 +25,7 @@ APP_NAME = "ifserve"
 def build_app(config: ServeConfig) -> Application:
     family = config.family
     model = dict(
-        family=family.name,
+        family=config.model.family,  # the name replicas resolve (registered, or an import path)
         checkpoints=str(config.checkpoint_root()),  # absolute: replicas need not share our working directory
         device=config.model.device,
         dtype=config.model.dtype,
@@ -32,16 +34,17 @@ def build_app(config: ServeConfig) -> Application:
     )
     enc = config.encoder
     encoder = TextEncoder.options(name="TextEncoder", **enc.deployment_options()).bind(
-        **model,
+        model=model,
         max_batch_size=enc.max_batch_size,
         batch_wait_timeout_s=enc.batch_wait_timeout_s,
         cache_size=enc.cache_size,
+        max_replicas=enc.autoscaling.max_replicas,
     )
     stages = {}
     for spec in family.stages:
         stage = config.stages[spec.name]
         stages[spec.name] = Stage.options(name=spec.title, **stage.deployment_options()).bind(
-            **model,
+            model=model,
             stage=spec.name,
             max_batch_size=stage.max_batch_size,
             mode=stage.mode,
@@ -63,13 +66,9 @@ def ensure_checkpoints(config: ServeConfig, progress=print) -> Path:
     if root.is_dir() and any(root.iterdir()):
         return root
     if config.model.preset is None:
-        from stages.errors import CheckpointError
-
         raise CheckpointError(f"model.checkpoints: {root} is empty and model.preset is not set to make one")
-    from stages.checkpoints import write_checkpoints
-
     progress(f"writing the {config.model.preset} checkpoints to {root} ...")
-    write_checkpoints(config.model.preset, root)
+    write_checkpoints(config.family, config.model.preset, root)
     return root
 
 

@@ -21,42 +21,70 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from stages.errors import CheckpointError, InvalidParameter
-from stages.params import TIMESTEP_LISTS
+import types
+import typing
 
-_GENERATION_FLAGS = [
-    # (flag, type, help) - defaults live in GenerationParams, the single source of truth.
-    ("--negative-prompt", str, "negative prompt, used by all three stages"),
-    ("--seed", int, "seed of the generator shared by the three stages (default 0)"),
-    ("--stage1-steps", int, "stage I denoising steps (default 100)"),
-    ("--stage1-timesteps", str, f"stage I named timestep list: {', '.join(sorted(TIMESTEP_LISTS))}"),
-    ("--stage1-guidance", float, "stage I guidance scale (default 7.0)"),
-    ("--stage2-steps", int, "stage II denoising steps (default 50)"),
-    ("--stage2-timesteps", str, "stage II named timestep list"),
-    ("--stage2-guidance", float, "stage II guidance scale (default 4.0)"),
-    ("--stage2-noise-level", int, "stage II noise added to the 64 px image, [0, 1000) (default 250)"),
-    ("--stage3-steps", int, "stage III denoising steps (default 75)"),
-    ("--stage3-guidance", float, "stage III guidance scale (default 9.0)"),
-    ("--stage3-noise-level", int, "stage III noise added to the 256 px image, [0, 350] (default 100)"),
-]
+from stages.errors import CheckpointError, InvalidParameter, StageFailure
+from stages.families import DEFAULT_FAMILY, get_family
+from stages.params import RequestParams
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ifserve", description="Serve the DeepFloyd IF cascade stage by stage.")
+def _flag_type(annotation) -> tuple[type, list | None]:
+    """The argparse type (and choices) of a request field: its type without None; a Literal's values."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return _flag_type(options[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(options[0]), options
+    return annotation, None
+
+
+def _generation_flags(parser: argparse.ArgumentParser, params: type[RequestParams]) -> None:
+    """One flag per field of the family's request parameters (`stage1_steps` -> --stage1-steps), with the
+    field's description and default: declared once, in the family."""
+    for name, info in params.model_fields.items():
+        kind, choices = _flag_type(info.annotation)
+        default = "" if info.default is None else f" (default {info.default})"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            choices=choices,
+            required=name == "prompt",
+            help=f"{info.description or name}{default}",
+        )
+
+
+def _family_name(argv: list[str] | None) -> str:
+    """`--family NAME` from the command line before the parser exists: the flags depend on it."""
+    args = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--family" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--family="):
+            return arg.partition("=")[2]
+    return DEFAULT_FAMILY
+
+
+def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
+    family = get_family(family_name)
+    folders = ", ".join(family.folders)
+    parser = argparse.ArgumentParser(prog="ifserve", description="Serve cascaded diffusion models stage by stage.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def family_flag(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--family", default=DEFAULT_FAMILY, help=f"model family (default {DEFAULT_FAMILY})")
+
     ck = sub.add_parser("checkpoints", help="write random-weight diffusers checkpoints of a preset")
-    ck.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
-    ck.add_argument("--out", type=Path, required=True, help="folder that receives IF-I, IF-II and x4-upscaler")
+    family_flag(ck)
+    ck.add_argument("--preset", choices=family.presets, default=family.presets[0] if family.presets else None)
+    ck.add_argument("--out", type=Path, required=True, help=f"folder that receives {folders}")
     ck.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ck.add_argument("--dtype", choices=["float32", "float16"], default="float32")
 
     gen = sub.add_parser("generate", help="generate one image in-process (no Ray)")
-    gen.add_argument("--checkpoints", type=Path, required=True, help="folder with IF-I, IF-II and x4-upscaler")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--size", type=int, choices=[64, 256, 1024], default=1024, help="where the cascade stops")
-    for flag, kind, text in _GENERATION_FLAGS:
-        gen.add_argument(flag, type=kind, help=text)
+    family_flag(gen)
+    gen.add_argument("--checkpoints", type=Path, required=True, help=f"folder with {folders}")
+    _generation_flags(gen, family.params)
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--save-stages", action="store_true", help="also write each stage's image next to --out")
     gen.add_argument("--device", default="cpu")
@@ -77,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--default-steps",
         action="store_true",
-        help="use the reference defaults (100/50/75 steps), not the quick fast27/10/10",
+        help="use the family's default steps, not its quick settings (IF: fast27/10/10)",
     )
 
     rs = sub.add_parser("serve-config", help="print the Ray Serve config file (serve deploy / KubeRay) for a config")
@@ -163,9 +191,10 @@ def _checkpoints(args) -> int:
 
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     start = time.perf_counter()
-    paths = write_checkpoints(args.preset, args.out, seed=args.seed, dtype=dtype, progress=print)
-    for stage, path in paths.items():
-        print(f"{stage}: {path}")
+    family = get_family(args.family)
+    paths = write_checkpoints(family, args.preset, args.out, seed=args.seed, dtype=dtype, progress=print)
+    for folder, path in paths.items():
+        print(f"{folder}: {path}")
     print(f"wrote the {args.preset} preset in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -174,21 +203,17 @@ def _generate(args) -> int:
     import torch
 
     from stages.cascade import Cascade
-    from stages.params import GenerationParams
 
-    fields = {"prompt": args.prompt, "size": args.size}
-    for flag, _, _ in _GENERATION_FLAGS:
-        name = flag.removeprefix("--").replace("-", "_")
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    params = GenerationParams.parse(**fields)
+    family = get_family(args.family)
+    fields = {name: getattr(args, name) for name in family.params.model_fields if getattr(args, name) is not None}
+    params = family.params.parse(**fields)
     if args.out.suffix.lower() != ".png":
         raise InvalidParameter("--out", f"must be a .png file, got {args.out}")
     torch.set_num_threads(max(1, args.threads))
 
     start = time.perf_counter()
-    needed = tuple(s for s, size in (("stage1", 64), ("stage2", 256), ("stage3", 1024)) if size <= params.size)
-    cascade = Cascade.from_checkpoints(args.checkpoints, device=args.device, stages=needed)
+    needed = tuple(spec.name for spec in family.stages_for(params.size))
+    cascade = Cascade.from_checkpoints(args.checkpoints, family=family, device=args.device, stages=needed)
     print(f"loaded {args.checkpoints} in {time.perf_counter() - start:.1f} s")
     mark = [time.perf_counter()]
 
@@ -197,7 +222,9 @@ def _generate(args) -> int:
         print(f"{stage}: {now - mark[0]:.2f} s")
         mark[0] = now
 
-    result = cascade.generate_many([params], on_stage_done=report)[0]
+    [result] = cascade.generate_many([params], on_stage_done=report)
+    if result.error is not None:
+        raise result.error
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(args.out)
     print(f"wrote {args.out} ({params.size}x{params.size})")
@@ -210,7 +237,12 @@ def _generate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser(_family_name(argv))
+    except ValueError as err:  # an unknown --family
+        print(f"ifserve: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -233,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidParameter, CheckpointError) as err:
         print(f"ifserve {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except StageFailure as err:
+        print(f"ifserve {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

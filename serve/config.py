@@ -1,12 +1,12 @@
 """The serving config: one YAML file, validated by this schema, says which model and checkpoints,
 which pool each stage runs on, and each stage's batching, queue limits and autoscaling.
 
-    model:    {id, family, checkpoints, preset, device, dtype, variant}
+    model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant}
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...]}
-    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests}
+    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes}
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
-    stages:   {stage1: {pool, num_cpus, num_gpus, max_batch_size, mode, autoscaling, ...}, ...}
+    stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, autoscaling, ...}, ...}
 
 Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`).
 """
@@ -25,7 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.errors import InvalidParameter
-from stages.families import FAMILIES, get_family
+from stages.families import DEFAULT_FAMILY, get_family
+from stages.family import ModelFamily
+from stages.params import invalid_parameter
 
 Pool = Annotated[str, Field(pattern=r"^pool_[a-z0-9_]+$")]
 
@@ -109,13 +111,14 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
     image_dir: str = "out/images"  # where `response_format: url` images are written and served from
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is refused with 413
 
 
 class ModelConfig(_Strict):
     id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]  # the `model` clients name
-    family: str = "deepfloyd-if"
+    family: str = DEFAULT_FAMILY  # a registered family, or `package.module:ATTRIBUTE` (stages/families)
     checkpoints: str  # folder with the family's pipeline folders (relative paths: to the working directory)
-    preset: Literal["tiny", "small"] | None = None  # `ifserve up` writes this preset if the folder is empty
+    preset: str | None = None  # `ifserve up` writes this preset of the family if the folder is empty
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     variant: str | None = None  # e.g. "fp16" weight files
@@ -180,7 +183,11 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _graph_matches_family(self) -> ServeConfig:
-        family = get_family(self.model.family)
+        family = self.family
+        if self.model.preset is not None and self.model.preset not in family.presets:
+            raise ValueError(
+                f"model.preset: {family.name} has no preset {self.model.preset!r}; it has {', '.join(family.presets)}"
+            )
         known = [s.name for s in family.stages]
         unknown = sorted(set(self.stages) - set(known))
         if unknown:
@@ -200,8 +207,8 @@ class ServeConfig(_Strict):
         return self
 
     @property
-    def family(self):
-        return FAMILIES[self.model.family]
+    def family(self) -> ModelFamily:
+        return get_family(self.model.family)
 
     def checkpoint_root(self) -> Path:
         return Path(self.model.checkpoints).expanduser().resolve()
@@ -225,11 +232,11 @@ def parse_config(data: dict[str, Any]) -> ServeConfig:
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        where = ".".join(str(p) for p in first["loc"])
-        if not where:  # a check across fields names its field at the start of the message
-            where, _, message = message.partition(": ") if ": " in message else ("config", "", message)
+        error = invalid_parameter(err)
+        if error.param != "request":
+            raise error from None
+        message = error.message  # a check across fields names its field at the start of the message
+        where, _, message = message.partition(": ") if ": " in message else ("config", "", message)
         raise InvalidParameter(where, message) from None
 
 

@@ -20,8 +20,6 @@ PROMPTS = [
     "an astronaut riding a horse on the moon, oil painting",
     "a bowl of ramen on a wooden table, studio lighting",
 ]
-# A quick demo on CPU: IF's own 27-step list for stage I, 10 steps for stages II and III.
-QUICK = {"stage1_timesteps": "fast27", "stage2_steps": 10, "stage3_steps": 10}
 
 
 def run_demo(
@@ -44,7 +42,7 @@ def run_demo(
     progress(f"serving at {url} ({time.perf_counter() - started:.1f} s to start)")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "not-needed-on-loopback", timeout=1800)
-        extra = dict(QUICK) if quick else {}
+        extra = dict(config.family.quick_params) if quick else {}
 
         def one(i: int):
             begin = time.perf_counter()

@@ -1,28 +1,28 @@
 """Ray Serve deployments of the model side: the text encoder and one class for every denoising stage.
 
-They stay thin (as in `ray.serve.llm`): load the engine from the checkpoint folder, set torch's thread
-count to the CPUs Ray gave the replica, and delegate. The stage's step-level scheduling lives in
-`StageLoop`/`StepBatcher`; the encoder uses Ray Serve's own `@serve.batch` plus a prompt cache.
+They stay thin (as in `ray.serve.llm`): load the family's component from the checkpoint folder, set
+torch's thread count to the CPUs Ray gave the replica, and hand work to a `StageLoop`
+(stages/stage_loop.py: scheduler, executor, report) running in a thread of its own. The encoder runs
+the same loop over `EncoderEngine`, behind an LRU cache of embeddings.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
+from typing import Any
 
 import ray
 import torch
 from ray import serve
 
 from serve.metrics import EncoderMetrics, StageMetrics
-from serve.stage_loop import StageLoop, StageRecord
-from stages.batching import StepBatcher
-from stages.families import get_family, stage_request
-from stages.params import GenerationParams
-from stages.task import StageOutput, TextEmbeddings
+from serve.orchestrator import StageResult
+from stages.encoding import EncoderEngine, EncodeRequest
+from stages.families import get_family
+from stages.scheduler import StageScheduler
+from stages.stage_loop import StageLoop
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -41,50 +41,67 @@ def configure_replica() -> tuple[int, str]:
     return threads, replica
 
 
-def _replica_info(threads: int, replica: str) -> dict:
-    return {"replica": replica, "node_id": ray.get_runtime_context().get_node_id(), "torch_threads": threads}
+def _load_options(model: dict) -> dict:
+    return dict(
+        device=model["device"],
+        torch_dtype=DTYPES[model["dtype"]],
+        variant=model["variant"],
+        batch_invariant=model["batch_invariant"],
+    )
 
 
-@dataclass
-class StageResult:
-    """A stage's output plus the records of every stage it went through, handed down the chain."""
+class _LoopReplica:
+    """What both deployments share: the loop's lifecycle and its stats."""
 
-    output: StageOutput
-    records: list[StageRecord] = field(default_factory=list)
+    loop: StageLoop
+    threads: int
+    replica: str
 
-    def timings(self) -> list[dict]:
-        return [asdict(record) for record in self.records]
+    def stats(self) -> dict:
+        return {
+            "replica": self.replica,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "torch_threads": self.threads,
+            "stage": self.loop.name,
+            **self.loop.load,
+            **asdict(self.loop.stats),
+        }
+
+    def __del__(self):
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
 
 
 @serve.deployment
-class TextEncoder:
+class TextEncoder(_LoopReplica):
     def __init__(
         self,
         *,
-        family: str,
-        checkpoints: str,
-        device: str = "cpu",
-        dtype: str = "float32",
-        variant: str | None = None,
-        batch_invariant: bool = True,
+        model: dict,
         max_batch_size: int = 8,
         batch_wait_timeout_s: float = 0.01,
         cache_size: int = 256,
+        max_replicas: int = 1,
     ):
         self.threads, self.replica = configure_replica()
-        spec = get_family(family)
-        path = Path(checkpoints) / spec.encoder_folder
-        self.encoder = spec.load_encoder(
-            path, device=device, torch_dtype=DTYPES[dtype], variant=variant, batch_invariant=batch_invariant
-        )
-        self.cache: OrderedDict[tuple[str, str | None], TextEmbeddings] = OrderedDict()
-        self.cache_size = cache_size
-        self.hits = self.misses = self.batches = 0
+        family = get_family(model["family"])
+        encoder = family.load_encoder_from(model["checkpoints"], **_load_options(model))
         self.metrics = EncoderMetrics()
-        self._encode_batch.set_max_batch_size(max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.loop = StageLoop(
+            EncoderEngine(encoder),
+            StageScheduler(max_batch_size),
+            replica=self.replica,
+            metrics=self.metrics,
+            max_replicas=max_replicas,
+            batch_wait_s=batch_wait_timeout_s,
+        ).start()
+        self.cache: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        self.cache_size = cache_size
+        self.hits = self.misses = 0
+        self._calls = 0
 
-    async def encode(self, prompt: str, negative_prompt: str | None = None) -> TextEmbeddings:
+    async def encode(self, prompt: str, negative_prompt: str | None = None) -> Any:
         key = (prompt, negative_prompt)
         if key in self.cache:
             self.hits += 1
@@ -93,82 +110,54 @@ class TextEncoder:
             return self.cache[key]
         self.misses += 1
         self.metrics.prompt(cached=False)
-        embeddings = await self._encode_batch(key)
+        self._calls += 1
+        embeddings, _ = await self.loop.run(f"encode-{self._calls}", EncodeRequest(prompt, negative_prompt))
         if self.cache_size:
             self.cache[key] = embeddings
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return embeddings
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, keys: list[tuple[str, str | None]]) -> list[TextEmbeddings]:
-        self.batches += 1
-        self.metrics.batch(len(keys))
-        # Off the event loop, so requests arriving meanwhile gather into the next batch.
-        return await asyncio.to_thread(self.encoder.encode, [p for p, _ in keys], [n for _, n in keys])
-
     def stats(self) -> dict:
         return {
-            **_replica_info(self.threads, self.replica),
+            **super().stats(),
             "cache_entries": len(self.cache),
             "cache_hits": self.hits,
             "cache_misses": self.misses,
-            "batches": self.batches,
+            "batches": self.loop.stats.steps,
         }
 
 
 @serve.deployment
-class Stage:
-    """One denoising stage (which one: `stage`); new requests join the running batch at the next step."""
+class Stage(_LoopReplica):
+    """One denoising stage of the family (which one: `stage`); new requests join the running batch at
+    the next step."""
 
-    def __init__(
-        self,
-        *,
-        family: str,
-        stage: str,
-        checkpoints: str,
-        device: str = "cpu",
-        dtype: str = "float32",
-        variant: str | None = None,
-        batch_invariant: bool = True,
-        max_batch_size: int = 8,
-        mode: str = "step",
-        max_replicas: int = 1,
-    ):
+    def __init__(self, *, model: dict, stage: str, max_batch_size: int = 8, mode: str = "step", max_replicas: int = 1):
         self.threads, self.replica = configure_replica()
-        self.spec = get_family(family).stage(stage)
-        path = Path(checkpoints) / self.spec.folder
-        engine = get_family(family).load_stage(
-            stage, path, device=device, torch_dtype=DTYPES[dtype], variant=variant, batch_invariant=batch_invariant
-        )
-        self.engine = engine
-        batcher = StepBatcher(engine, max_batch_size=max_batch_size, mode=mode)
-        metrics = StageMetrics(stage)
-        self.loop = StageLoop(batcher, stage, self.replica, metrics=metrics, max_replicas=max_replicas)
+        self.family = get_family(model["family"])
+        self.spec = self.family.stage(stage)
+        self.engine = self.family.load_stage(stage, model["checkpoints"], **_load_options(model))
+        self.loop = StageLoop(
+            self.engine,
+            StageScheduler(max_batch_size, mode),
+            replica=self.replica,
+            metrics=StageMetrics(stage),
+            max_replicas=max_replicas,
+        ).start()
 
     async def run(
-        self,
-        request_id: str,
-        params: GenerationParams,
-        embeddings: TextEmbeddings | None = None,
-        previous: StageResult | None = None,
+        self, request_id: str, params: dict, embeddings: Any = None, previous: StageResult | None = None
     ) -> StageResult:
-        request = stage_request(
-            self.spec, request_id, params, embeddings=embeddings, previous=previous.output if previous else None
+        request = self.family.stage_request(
+            self.spec,
+            request_id,
+            self.family.params.model_validate(params),
+            embeddings=embeddings,
+            previous=previous.output if previous else None,
         )
-        output, record = await self.loop.run(request)
+        output, record = await self.loop.run(request_id, request)
         return StageResult(output, [*(previous.records if previous else []), record])
 
     def stats(self) -> dict:
-        return {
-            **_replica_info(self.threads, self.replica),
-            "stage": self.spec.name,
-            **self.loop.load,
-            **asdict(self.loop.stats),
-            "unet_calls": self.engine.unet_calls,
-        }
-
-    def __del__(self):
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
+        return {**super().stats(), "unet_calls": getattr(self.engine, "unet_calls", 0)}

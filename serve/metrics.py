@@ -181,8 +181,16 @@ class EncoderMetrics:
     def prompt(self, cached: bool) -> None:
         self.prompts.inc(tags={"cache": "hit" if cached else "miss"})
 
-    def batch(self, size: int) -> None:
-        self.batch_size.observe(size)
+    # The encoder's StageLoop reports through the same calls as a stage's (stages/stage_loop.LoopMetrics);
+    # of those, the encoder records its batch sizes.
+    def stepped(self, seconds: float, batch: int, finished: int) -> None:
+        self.batch_size.observe(batch)
+
+    def arrived_task(self) -> None: ...
+    def started(self, queue_wait_s: float) -> None: ...
+    def finished(self, residence_s: float) -> None: ...
+    def ended(self, outcome: str) -> None: ...
+    def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None: ...
 
 
 class RequestMetrics:

@@ -1,4 +1,4 @@
-"""Runs images through the serving graph: encoder -> the stages an image's size needs.
+"""Walks one image through the serving graph (`stages/graph.py`'s walk, with Ray Serve calls).
 
 Each stage's output goes into the next handle call by reference (the call's `ObjectRef`, which the
 ingress owns), so embeddings and images travel through Ray's object store from replica to replica;
@@ -9,29 +9,29 @@ wait unseen in the ingress, so a full stage could never shed load and its autosc
 too early. Every call made for an image is cancelled if the image ends early (client gone, another
 image of the request failed), so its tasks leave their stage's batch at the next step.
 
-Kept out of the ingress class on purpose: Ray ships the `@serve.ingress` class by value, this module
-by reference.
+Errors leave here as our own types: InvalidParameter (the request's fault), Overloaded (a stage shed
+it), StageFailure (the server's fault, naming the stage): never Ray's wrappers, whose text carries
+tracebacks, actor ids and addresses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 
 import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from serve.api import error_body
-from serve.deployments import StageResult
-from stages.errors import InvalidParameter
-from stages.families import ModelFamily, StageSpec
-from stages.images import png_bytes, to_pil
-from stages.params import GenerationParams
+from stages.errors import InvalidParameter, StageFailure
+from stages.family import ModelFamily, StageSpec
+from stages.graph import walk
+from stages.params import RequestParams
+from stages.stage_loop import StageRecord
+from stages.task import StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,33 @@ class Overloaded(Exception):
     """A stage shed the request (its queue is full): the client should retry later."""
 
 
+@dataclass
+class StageResult:
+    """A stage's output plus the records of every stage it went through, handed down the chain."""
+
+    output: StageOutput
+    records: list[StageRecord] = field(default_factory=list)
+
+    def timings(self) -> list[dict]:
+        return [asdict(record) for record in self.records]
+
+
 OnStage = Callable[[StageSpec, StageResult], Awaitable[None]]
+
+
+def client_error(err: BaseException, stage: str) -> Exception:
+    """What a client may be told about `err`, raised while `stage` was being called or awaited."""
+    while isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
+        err = err.cause
+    if isinstance(err, InvalidParameter | StageFailure | Overloaded):
+        return err
+    if isinstance(err, BackPressureError):
+        return Overloaded(f"{stage} is at capacity")
+    if isinstance(err, RayActorError):
+        return StageFailure(stage, "replica", "its replica stopped")
+    if isinstance(err, RayError):
+        return StageFailure(stage, "replica", type(err).__name__)
+    return err
 
 
 class ReadyWatcher:
@@ -84,32 +110,40 @@ class Orchestrator:
         self.stages = stages
         self.watcher = ReadyWatcher()
 
-    async def image(self, request_id: str, params: GenerationParams, on_stage: OnStage | None = None) -> StageResult:
-        """One image through the stages its size needs; `on_stage` gets each stage's output but the
-        last (streaming previews)."""
-        specs = self.family.stages_for(params.size)
+    async def image(self, request_id: str, params: RequestParams, on_stage: OnStage | None = None) -> StageResult:
+        """One image through the stages its size needs; `on_stage` gets each stage's result but the last."""
         responses: list[DeploymentResponse] = []
+        current = ["text_encoder"]  # the stage being called or awaited, for errors
+        fields = params.model_dump()  # plain data crosses to the replicas; they validate it again
+
+        async def encode(params: RequestParams) -> DeploymentResponse:
+            response = self.encoder.encode.remote(params.prompt, params.negative_prompt)
+            responses.append(response)
+            return response
+
+        async def run_stage(spec: StageSpec, params: RequestParams, embeddings, previous) -> ray.ObjectRef:
+            current[0] = spec.name
+            response = self.stages[spec.name].run.remote(request_id, fields, embeddings=embeddings, previous=previous)
+            responses.append(response)
+            ref = await response._to_object_ref()  # raises BackPressureError when the stage sheds
+            await self.watcher.wait(ref)
+            return ref
+
+        async def preview(spec: StageSpec, ref: ray.ObjectRef) -> None:
+            if on_stage is not None:
+                await on_stage(spec, await ref)
+
         try:
-            embeddings = self.encoder.encode.remote(params.prompt, params.negative_prompt)
-            responses.append(embeddings)
-            previous: ray.ObjectRef | None = None
-            for spec in specs:
-                response = self.stages[spec.name].run.remote(
-                    request_id, params, embeddings=embeddings if spec.uses_embeddings else None, previous=previous
-                )
-                responses.append(response)
-                previous = await response._to_object_ref()  # raises BackPressureError when the stage sheds
-                await self.watcher.wait(previous)
-                if on_stage is not None and spec is not specs[-1]:
-                    await on_stage(spec, await previous)
-            return await previous
-        except BackPressureError as err:
-            raise Overloaded(str(err)) from None
+            return await (await walk(self.family, params, encode=encode, run_stage=run_stage, on_stage=preview))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised as what the client may see
+            raise client_error(err, current[0]) from None
         finally:
             for response in responses:
                 _cancel(response)
 
-    async def images(self, request_id: str, images: list[GenerationParams]) -> list[StageResult]:
+    async def images(self, request_id: str, images: list[RequestParams]) -> list[StageResult]:
         """All images of a request together; the first failure cancels the others and is raised."""
         tasks = [asyncio.create_task(self.image(f"{request_id}-{i}", p)) for i, p in enumerate(images)]
         try:
@@ -122,53 +156,6 @@ class Orchestrator:
             for task in tasks:
                 task.cancel()
 
-    async def stream(self, request_id: str, images: list[GenerationParams]) -> AsyncIterator[str]:
-        """Server-sent events in the shape of OpenAI's image streaming: `image_generation.partial_image`
-        for each finished stage before the last (with `stage`), then `image_generation.completed`,
-        then `[DONE]`. A failure is sent as an `{"error": ...}` event and ends the stream."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def one(index: int, params: GenerationParams) -> None:
-            partial = 0
-
-            async def on_stage(spec: StageSpec, result: StageResult) -> None:
-                nonlocal partial
-                extra = {"stage": spec.name, "partial_image_index": partial}
-                await queue.put(await asyncio.to_thread(image_event, "partial_image", index, params, result, **extra))
-                partial += 1
-
-            try:
-                result = await self.image(f"{request_id}-{index}", params, on_stage)
-                stages = result.timings()
-                await queue.put(await asyncio.to_thread(image_event, "completed", index, params, result, stages=stages))
-            except asyncio.CancelledError:
-                raise
-            except InvalidParameter as err:
-                await queue.put(error_body(str(err), param=err.param))
-            except Overloaded as err:
-                await queue.put(error_body(f"overloaded, retry later: {err}", kind="server_error", code="overloaded"))
-            except Exception as err:  # noqa: BLE001 - reported to the client as an error event
-                log.exception("request %s image %d failed", request_id, index)
-                await queue.put(error_body(str(err), kind="server_error"))
-            finally:
-                queue.put_nowait(None)
-
-        tasks = [asyncio.create_task(one(i, p)) for i, p in enumerate(images)]
-        try:
-            open_images = len(tasks)
-            while open_images:
-                item = await queue.get()
-                if item is None:
-                    open_images -= 1
-                    continue
-                yield f"data: {json.dumps(item)}\n\n"
-                if "error" in item:
-                    break
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away, or an image failed: the others' tasks leave their batches
-            for task in tasks:
-                task.cancel()
-
 
 def _cancel(response: DeploymentResponse) -> None:
     """Best-effort cancel; Ray re-raises a failed assignment's error (e.g. backpressure) from cancel()."""
@@ -176,26 +163,6 @@ def _cancel(response: DeploymentResponse) -> None:
         response.cancel()
     except Exception:  # noqa: BLE001 - the call already ended, one way or another
         pass
-
-
-def png(result: StageResult) -> bytes:
-    return png_bytes(to_pil(result.output.image))
-
-
-def image_event(kind: str, index: int, params: GenerationParams, result: StageResult, **extra) -> dict:
-    size = result.output.image.shape[-1]
-    return {
-        "type": f"image_generation.{kind}",
-        "index": index,
-        "seed": params.seed,
-        "b64_json": base64.b64encode(png(result)).decode(),
-        "size": f"{size}x{size}",
-        "created_at": int(time.time()),
-        "output_format": "png",
-        "quality": "auto",
-        "background": "opaque",
-        **extra,
-    }
 
 
 def running_replicas(status, app_name: str, deployments: list[str]) -> dict[str, int]:

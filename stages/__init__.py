@@ -1,7 +1,7 @@
-"""Model side of ifserve: load the DeepFloyd IF cascade from diffusers checkpoints and run its
-stages step-batched over tasks. Nothing here imports Ray."""
+"""Model side of ifserve, no Ray: model families (`stages/families/`, DeepFloyd IF first), their
+step-batched stage engines, the per-stage scheduler, executor and loop, the graph walk and the
+in-process cascade."""
 
-from stages.errors import CheckpointError, InvalidParameter
-from stages.params import GenerationParams
+from stages.errors import CheckpointError, InvalidParameter, StageFailure
 
-__all__ = ["CheckpointError", "GenerationParams", "InvalidParameter"]
+__all__ = ["CheckpointError", "InvalidParameter", "StageFailure"]

@@ -1,67 +1,56 @@
-"""The whole IF cascade in one process: T5 -> stage I (64 px) -> stage II (256 px) -> stage III (1024 px).
-
-This is the no-Ray baseline and the library API:
+"""A family's whole cascade in one process (DeepFloyd IF by default: T5 -> stage I (64 px) -> stage II
+(256 px) -> stage III (1024 px)). This is the no-Ray baseline and the library API:
 
     cascade = Cascade.from_checkpoints("checkpoints/tiny")
-    result = cascade.generate(GenerationParams(prompt="a red bicycle", seed=1))
-    result.images[1024].save("out.png")
+    result = cascade.generate(cascade.params(prompt="a red bicycle", seed=1))
+    result.image.save("out.png")
 
-`generate_many` runs many requests through the step-batched engine (or request-level batching).
+`generate_many` walks every request through the graph (`stages/graph.py`, the walk the server uses),
+each stage driven by its own scheduler and loop (`stages/stage_loop.py`), all on this thread: requests
+share each stage's batched steps, and the stages take turns step by step, so a request can be in stage
+III while others are still in stage I. A request that fails gets its error; the others go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
 
-from stages.batching import Mode, StepBatcher
-from stages.engine import DenoisingStage
-from stages.families import DEEPFLOYD_IF, stage_request
-from stages.if_stages import StageI, StageII
+from stages.encoding import EncoderEngine, EncodeRequest
+from stages.errors import InvalidParameter
+from stages.families import DEFAULT_FAMILY, get_family
+from stages.family import ModelFamily, StageSpec, StepEngine, TextEncoder
+from stages.graph import walk
 from stages.images import to_pil
-from stages.loading import cascade_folders, load_pipeline
-from stages.params import GenerationParams
-from stages.task import StageOutput, TextEmbeddings
-from stages.text_encoder import T5TextEncoder
-from stages.upscaler import StageIII
-
-
-def load_text_encoder(path, batch_invariant: bool = True, **kw) -> T5TextEncoder:
-    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("unet",), param="stage1", **kw)
-    return T5TextEncoder(pipe, batch_invariant)
-
-
-def load_stage(stage: str, path, batch_invariant: bool = True, **kw) -> DenoisingStage:
-    """Load one denoising stage from its pipeline folder (text encoders of IF stages left out)."""
-    if stage == "stage1":
-        pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder",), param=stage, **kw)
-        return StageI(pipe, batch_invariant)
-    if stage == "stage2":
-        pipe = load_pipeline(path, expect=("IFSuperResolutionPipeline",), exclude=("text_encoder",), param=stage, **kw)
-        return StageII(pipe, batch_invariant)
-    if stage == "stage3":
-        pipe = load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=stage, **kw)
-        return StageIII(pipe, batch_invariant)
-    raise ValueError(f"stage: unknown stage {stage!r}")
+from stages.params import RequestParams
+from stages.scheduler import Mode, StageScheduler
+from stages.stage_loop import StageLoop
+from stages.task import StageOutput
 
 
 @dataclass
 class CascadeResult:
-    params: GenerationParams
-    images: dict[int, PIL.Image.Image] = field(default_factory=dict)  # by size: 64, 256, 1024
+    params: RequestParams
+    images: dict[int, PIL.Image.Image] = field(default_factory=dict)  # by size, e.g. 64, 256, 1024
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # same, (1, 3, H, W) in [-1, 1]
+    error: Exception | None = None  # why this request failed (InvalidParameter, StageFailure), if it did
 
     @property
     def image(self) -> PIL.Image.Image:
+        if self.error is not None:
+            raise self.error
         return self.images[self.params.size]
 
 
 class Cascade:
-    def __init__(self, text_encoder: T5TextEncoder, stages: dict[str, DenoisingStage]):
+    def __init__(self, family: ModelFamily, text_encoder: TextEncoder, stages: dict[str, StepEngine]):
+        self.family = family
         self.text_encoder = text_encoder
         self.stages = stages
 
@@ -70,15 +59,23 @@ class Cascade:
         cls,
         root: str | Path,
         *,
+        family: ModelFamily | str = DEFAULT_FAMILY,
         device: str = "cpu",
         torch_dtype: torch.dtype | None = None,
-        stages: tuple[str, ...] = ("stage1", "stage2", "stage3"),
+        stages: tuple[str, ...] | None = None,
         batch_invariant: bool = True,
     ) -> Cascade:
-        folders = cascade_folders(root, ("stage1", *stages))
+        """Load the text encoder and `stages` (default: all of the family's) from `root`."""
+        family = get_family(family) if isinstance(family, str) else family
+        names = stages or tuple(s.name for s in family.stages)
         kw = dict(device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant)
-        text_encoder = load_text_encoder(folders["stage1"], **kw)
-        return cls(text_encoder, {s: load_stage(s, folders[s], **kw) for s in stages})
+        family.checkpoint_folders(root, [family.encoder_folder, *(family.stage(n).folder for n in names)])
+        encoder = family.load_encoder_from(root, **kw)
+        return cls(family, encoder, {name: family.load_stage(name, root, **kw) for name in names})
+
+    def params(self, **fields: Any) -> RequestParams:
+        """The family's request parameters; raises InvalidParameter naming the first bad field."""
+        return self.family.params.parse(**fields)
 
     def set_batch_invariant(self, on: bool) -> None:
         """Batch invariance for the text encoder and every stage (stages/batch_invariance.py)."""
@@ -86,38 +83,65 @@ class Cascade:
         for stage in self.stages.values():
             stage.batch_invariant = on
 
-    def generate(self, params: GenerationParams) -> CascadeResult:
-        return self.generate_many([params])[0]
+    def generate(self, params: RequestParams) -> CascadeResult:
+        """One image; raises what made it fail."""
+        result = self.generate_many([params])[0]
+        if result.error is not None:
+            raise result.error
+        return result
 
     def generate_many(
         self,
-        requests: list[GenerationParams],
+        requests: list[RequestParams],
         *,
         mode: Mode = "step",
         max_batch_size: int = 8,
         on_stage_done: Callable[[str], None] = lambda stage: None,
     ) -> list[CascadeResult]:
-        """Run requests stage by stage; within a stage they share batched steps."""
+        """Every request through the cascade, sharing batched steps; failed ones carry their `error`."""
+        return asyncio.run(self._generate_many(requests, mode, max_batch_size, on_stage_done))
+
+    async def _generate_many(self, requests, mode, max_batch_size, on_stage_done) -> list[CascadeResult]:
+        encoder = StageLoop(EncoderEngine(self.text_encoder), StageScheduler(max_batch_size))
+        loops = {name: StageLoop(engine, StageScheduler(max_batch_size, mode)) for name, engine in self.stages.items()}
+        drivers = [asyncio.create_task(_drive(loop)) for loop in (encoder, *loops.values())]
         results = [CascadeResult(p) for p in requests]
-        embeddings: list[TextEmbeddings] = self.text_encoder.encode(
-            [p.prompt for p in requests], [p.negative_prompt for p in requests]
-        )
-        previous: dict[int, StageOutput] = {}
-        for spec in DEEPFLOYD_IF.stages:
-            todo = [i for i, p in enumerate(requests) if spec in DEEPFLOYD_IF.stages_for(p.size)]
-            if not todo:
-                break
-            if spec.name not in self.stages:
-                raise ValueError(f"size: this cascade was loaded without {spec.name}, needed for {spec.output_size} px")
-            batcher = StepBatcher(self.stages[spec.name], max_batch_size=max_batch_size, mode=mode)
-            for i in todo:
-                batcher.submit(
-                    stage_request(spec, str(i), requests[i], embeddings=embeddings[i], previous=previous.get(i))
-                )
-            outputs = {int(o.request_id): o for o in batcher.run_until_idle()}
-            for i, output in outputs.items():
-                results[i].tensors[spec.output_size] = output.image
-                results[i].images[spec.output_size] = to_pil(output.image)
-            previous = outputs
-            on_stage_done(spec.name)
+
+        async def one(index: int, result: CascadeResult) -> None:
+            request_id = str(index)
+
+            async def encode(params: RequestParams) -> Any:
+                embeddings, _ = await encoder.run(request_id, EncodeRequest(params.prompt, params.negative_prompt))
+                return embeddings
+
+            async def run_stage(spec: StageSpec, params: RequestParams, embeddings, previous) -> StageOutput:
+                if spec.name not in loops:
+                    raise InvalidParameter("size", f"this cascade was loaded without {spec.name}")
+                request = self.family.stage_request(spec, request_id, params, embeddings=embeddings, previous=previous)
+                output, _ = await loops[spec.name].run(request_id, request)
+                result.tensors[spec.output_size] = output.image
+                result.images[spec.output_size] = to_pil(output.image)
+                on_stage_done(spec.name)
+                return output
+
+            try:
+                await walk(self.family, result.params, encode=encode, run_stage=run_stage)
+            except Exception as err:  # noqa: BLE001 - this request's answer; the others go on
+                result.error = err
+
+        try:
+            await asyncio.gather(*(one(i, r) for i, r in enumerate(results)))
+        finally:
+            for driver in drivers:
+                driver.cancel()
         return results
+
+
+async def _drive(loop: StageLoop) -> None:
+    """Step a stage loop from this event loop: one step, then let the others and the callers run."""
+    try:
+        while True:
+            loop.iterate()
+            await asyncio.sleep(0)
+    except Exception as err:  # noqa: BLE001 - the loop cannot go on: its callers get the error
+        loop.abort(err)

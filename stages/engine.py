@@ -1,6 +1,9 @@
-"""The step-batched denoising engine shared by the three stages.
+"""The step-batched denoising engine that diffusers UNet stages share (IF's three, and any family's).
 
-`step(tasks)` advances every task by one denoising step with one batched UNet call (plus one for each
+One step is two phases, so that a failure in one can be pinned on the tasks it concerns:
+`predict(tasks)` is the batched UNet call (plus guidance), pure, so it can be retried task by task;
+`advance(task, model_output)` is one task's scheduler step, which draws from the task's generator.
+`step(tasks)` does both: it advances every task by one denoising step with one batched UNet call (plus one for each
 task without guidance while batch invariance is on, see below). Tasks may sit at
 different timesteps (a per-sample timestep tensor), use different guidance scales, step counts,
 timestep lists and noise levels. Each task puts its rows into the batch as the reference pipeline lays
@@ -29,14 +32,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from stages.batch_invariance import row_groups
 from stages.errors import InvalidParameter
-from stages.params import MAX_STEPS, TIMESTEP_LISTS
+from stages.params import MAX_STEPS
 from stages.task import StageOutput, StageRequest, Task
 
 
 class DenoisingStage(ABC):
-    name: str  # "stage1" / "stage2" / "stage3": the prefix of this stage's request parameters
+    """A diffusers UNet stage; it implements `stages.family.StepEngine`."""
 
-    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True):
+    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True, name: str = "stage"):
+        self.name = name  # the stage's name in its family: the prefix of its request parameters
         self.pipe = pipe
         self.batch_invariant = batch_invariant
         self.unet = pipe.unet
@@ -58,22 +62,31 @@ class DenoisingStage(ABC):
         """Combine the task's UNet outputs into the model output its scheduler steps with."""
 
     def finish(self, task: Task) -> StageOutput:
-        return StageOutput(
-            task.request_id, task.sample, task.generator.get_state(), task.step_index, task.step_batch_sizes
-        )
+        return StageOutput(task.request_id, task.sample, task.generator.get_state(), task.step_index)
 
     # ---- the batched step ------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, tasks: list[Task]) -> None:
+    def predict(self, tasks: list[Task]) -> list[torch.Tensor]:
+        """The model output each task's scheduler steps with, from one batched UNet call (see above
+        for the calls batch invariance adds). Changes no task."""
+        outputs: dict[int, torch.Tensor] = {}
         for shared in self._unet_batches(tasks):
             for task, out in zip(shared, self._unet_call(shared), strict=True):
                 uncond, text = (out[:1], out[1:]) if task.guided else (None, out)
-                model_output = self._guide(task, uncond, text)
-                extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
-                step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
-                task.sample = step[0]
-                task.step_index += 1
-                task.step_batch_sizes.append(len(tasks))
+                outputs[id(task)] = self._guide(task, uncond, text)
+        return [outputs[id(task)] for task in tasks]
+
+    @torch.inference_mode()
+    def advance(self, task: Task, model_output: torch.Tensor) -> None:
+        """One scheduler step of one task, in the reference's order, on its own scheduler and generator."""
+        extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
+        step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
+        task.sample = step[0]
+        task.step_index += 1
+
+    def step(self, tasks: list[Task]) -> None:
+        for task, model_output in zip(tasks, self.predict(tasks), strict=True):
+            self.advance(task, model_output)
 
     def _unet_batches(self, tasks: list[Task]) -> list[list[Task]]:
         """Which tasks share a UNet call in this step."""
@@ -134,7 +147,10 @@ class DenoisingStage(ABC):
     def _generator(self, request: StageRequest) -> torch.Generator:
         generator = torch.Generator()
         if request.generator_state is not None:
-            generator.set_state(request.generator_state)
+            try:
+                generator.set_state(request.generator_state)
+            except (RuntimeError, TypeError) as err:
+                raise InvalidParameter("generator_state", str(err)) from None
         elif request.seed is not None:
             generator.manual_seed(request.seed)
         else:
@@ -145,13 +161,6 @@ class DenoisingStage(ABC):
         """A private copy of the pipeline's scheduler with this request's timesteps set."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
         timesteps = request.timesteps
-        if isinstance(timesteps, str):
-            if timesteps not in TIMESTEP_LISTS:
-                raise InvalidParameter(
-                    self._param("timesteps"),
-                    f"unknown timestep list {timesteps!r}; known: {', '.join(sorted(TIMESTEP_LISTS))}",
-                )
-            timesteps = TIMESTEP_LISTS[timesteps]
         if timesteps is not None:
             try:
                 scheduler.set_timesteps(timesteps=list(timesteps), device=self.device)

@@ -1,4 +1,7 @@
-"""Errors the engines raise for bad input: each names the parameter or folder at fault."""
+"""Errors the engines raise: bad input names the parameter or folder at fault; a failure inside a stage
+names the stage and the phase it failed in."""
+
+from __future__ import annotations
 
 
 class InvalidParameter(ValueError):
@@ -15,3 +18,24 @@ class InvalidParameter(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, empty, unreadable or not a diffusers pipeline."""
+
+
+class StageFailure(RuntimeError):
+    """A task failed inside a stage through no fault of its request's parameters (out of memory, a
+    broken kernel, a poisoned input): the server's fault, reported as such. `phase` is one of
+    `PHASES`; the message names the stage, the phase and the cause, never a traceback or an address."""
+
+    PHASES = ("admitting", "denoising", "scheduler step", "finishing", "replica")
+
+    def __init__(self, stage: str, phase: str, cause: str):
+        super().__init__(f"{stage}: {phase} failed: {cause}")
+        self.stage = stage
+        self.phase = phase
+        self.cause = cause
+
+    @classmethod
+    def of(cls, stage: str, phase: str, err: BaseException) -> StageFailure:
+        return cls(stage, phase, f"{type(err).__name__}: {err}")
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.phase, self.cause)

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from stages.checkpoints import STAGE_FOLDERS
 from stages.errors import CheckpointError
 
 
@@ -66,16 +65,3 @@ def load_pipeline(
         raise CheckpointError(f"{param}: cannot load {found} from {path}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def cascade_folders(root: str | Path, stages: tuple[str, ...] = tuple(STAGE_FOLDERS)) -> dict[str, Path]:
-    """The pipeline folders of a cascade checkpoint directory, by stage."""
-    root = Path(root).expanduser()
-    hint = f"make one with `ifserve checkpoints --preset tiny --out {root}`"
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoints: {root} does not exist ({hint})")
-    folders = {stage: root / STAGE_FOLDERS[stage] for stage in stages}
-    missing = [path.name for path in folders.values() if not path.is_dir()]
-    if missing:
-        raise CheckpointError(f"checkpoints: {root} has no {', '.join(missing)} folder ({hint})")
-    return folders

@@ -1,27 +1,22 @@
-"""Request parameters of one image through the cascade, validated once at the edge.
+"""Request parameters, declared once per family as per-stage groups.
 
-Field names are shared by the `ifserve generate` flags (with dashes) and the HTTP API. Defaults are
-those of the seed's reference code: stage I 100 steps / guidance 7.0, stage II 50 / 4.0 / noise 250,
-stage III 75 / 9.0 / noise 100.
+A family declares one small pydantic model per stage (`StageParams`: steps, guidance, and where the
+stage has them a timestep list and a noise level, each with its default and description) and
+`request_params` flattens them into the family's request model with fields `<stage>_<field>`
+(`stage1_steps`, `stage2_noise_level`, ...). The engine's validation, the HTTP schema
+(`serve/openai_api.py`) and the `ifserve generate` flags (`serve/cli.py`) are all derived from that one
+model, so a field, its bounds and its default are written in one place.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
-from diffusers.pipelines.deepfloyd_if import timesteps as _if_timesteps
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from stages.errors import InvalidParameter
 
-# Named timestep lists shipped with diffusers (fast27, smart50, super100, ...).
-TIMESTEP_LISTS: dict[str, list[int]] = {
-    name.removesuffix("_timesteps"): list(getattr(_if_timesteps, name))
-    for name in dir(_if_timesteps)
-    if name.endswith("_timesteps")
-}
-
-SIZES = (64, 256, 1024)
 MAX_STEPS = 1000
 MAX_PROMPT_CHARS = 2000
 
@@ -30,27 +25,52 @@ Guidance = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 NoiseLevel = Annotated[int, Field(ge=0, lt=1000)]
 
 
-def timestep_list(name: str | None) -> list[int] | None:
-    return None if name is None else TIMESTEP_LISTS[name]
+def invalid_parameter(err: ValidationError, prefix: str = "") -> InvalidParameter:
+    """pydantic's first error as an InvalidParameter naming the field by its dotted path."""
+    first = err.errors()[0]
+    param = prefix + ".".join(str(p) for p in first["loc"]) or "request"
+    message = first["msg"].removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field"
+    return InvalidParameter(param, message)
 
 
-class GenerationParams(BaseModel):
+class StageParams(BaseModel):
+    """One stage's parameters. Subclasses declare `steps` and `guidance` (and, where the stage has them,
+    `timesteps` and `noise_level`) with the reference's defaults; `TIMESTEP_LISTS` names the timestep
+    lists the stage accepts."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+    TIMESTEP_LISTS: ClassVar[dict[str, list[int]]] = {}
 
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
-    size: Literal[64, 256, 1024] = 1024
-    stage1_steps: Steps = 100
-    stage1_timesteps: str | None = None
-    stage1_guidance: Guidance = 7.0
-    stage2_steps: Steps = 50
-    stage2_timesteps: str | None = None
-    stage2_guidance: Guidance = 4.0
-    stage2_noise_level: NoiseLevel = 250
-    stage3_steps: Steps = 75
-    stage3_guidance: Guidance = 9.0
-    stage3_noise_level: NoiseLevel = 100
+    def work_order(self) -> dict[str, Any]:
+        """The fields of this stage's `StageRequest`: a named timestep list becomes its values."""
+        name = getattr(self, "timesteps", None)
+        return dict(
+            steps=self.steps,
+            guidance_scale=self.guidance,
+            timesteps=None if name is None else list(self.TIMESTEP_LISTS[name]),
+            noise_level=getattr(self, "noise_level", None),
+        )
+
+    @classmethod
+    def known_timesteps(cls, value: str | None) -> str | None:
+        if value is not None and value not in cls.TIMESTEP_LISTS:
+            raise ValueError(f"unknown timestep list {value!r}; known: {', '.join(sorted(cls.TIMESTEP_LISTS))}")
+        return value
+
+
+class RequestParams(BaseModel):
+    """What every family's request has; `request_params` adds `size` and the stage groups' fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    STAGES: ClassVar[dict[str, type[StageParams]]] = {}
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")]
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = Field(
+        None, description="what to steer away from, used by every stage"
+    )
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = Field(0, description="seed of the generator the stages share")
 
     @field_validator("prompt")
     @classmethod
@@ -59,19 +79,43 @@ class GenerationParams(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("stage1_timesteps", "stage2_timesteps")
     @classmethod
-    def _known_timesteps(cls, value: str | None) -> str | None:
-        if value is not None and value not in TIMESTEP_LISTS:
-            raise ValueError(f"unknown timestep list {value!r}; known: {', '.join(sorted(TIMESTEP_LISTS))}")
-        return value
-
-    @classmethod
-    def parse(cls, **fields) -> GenerationParams:
+    def parse(cls, **fields):
         """Validate, turning pydantic's error into an InvalidParameter naming the first bad field."""
         try:
             return cls(**fields)
         except ValidationError as err:
-            first = err.errors()[0]
-            param = ".".join(str(p) for p in first["loc"]) or "request"
-            raise InvalidParameter(param, first["msg"].removeprefix("Value error, ")) from None
+            raise invalid_parameter(err) from None
+
+    def stage(self, name: str) -> StageParams:
+        """One stage's group, read back from the flat fields."""
+        group = self.STAGES[name]
+        return group(**{field: getattr(self, f"{name}_{field}") for field in group.model_fields})
+
+
+def request_params(
+    name: str, stages: dict[str, type[StageParams]], sizes: Sequence[int], *, module: str
+) -> type[RequestParams]:
+    """A family's request model: prompt, negative prompt, seed, `size` (one of `sizes`, the largest by
+    default) and every stage group's fields as `<stage>_<field>`, with their bounds, defaults and
+    descriptions. Field validators of the groups (e.g. known timestep lists) apply to the flat fields.
+    Assign the model to `name` in `module`, so that it pickles by reference."""
+    fields: dict[str, Any] = {
+        "size": (Literal[tuple(sizes)], Field(max(sizes), description="pixels per side: where the cascade stops"))
+    }
+    validators = {}
+    for stage, group in stages.items():
+        for field, info in group.model_fields.items():
+            fields[f"{stage}_{field}"] = (info.annotation, info)
+        if "timesteps" in group.model_fields:
+            validators[f"_{stage}_timesteps"] = field_validator(f"{stage}_timesteps")(_timesteps_check(group))
+    model = create_model(name, __base__=RequestParams, __validators__=validators, __module__=module, **fields)
+    model.STAGES = dict(stages)
+    return model
+
+
+def _timesteps_check(group: type[StageParams]):
+    def check(cls, value: str | None) -> str | None:
+        return group.known_timesteps(value)
+
+    return check

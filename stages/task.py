@@ -8,7 +8,7 @@ the generator travels stage to stage exactly as the single generator of the refe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import SchedulerMixin
@@ -16,7 +16,7 @@ from diffusers import SchedulerMixin
 
 @dataclass
 class TextEmbeddings:
-    """T5 embeddings of one prompt and its negative prompt, each (1, 77, d_model)."""
+    """Text embeddings of one prompt and its negative prompt, each (1, sequence, width)."""
 
     prompt_embeds: torch.Tensor
     negative_embeds: torch.Tensor
@@ -27,14 +27,14 @@ class StageRequest:
     request_id: str
     steps: int
     guidance_scale: float
-    timesteps: str | list[int] | None = None  # a named list (fast27, smart50, ...) or explicit values
-    noise_level: int | None = None  # stages II and III
-    embeddings: TextEmbeddings | None = None  # stages I and II
-    prompt: str | None = None  # stage III encodes with its own CLIP text encoder
+    timesteps: list[int] | None = None  # explicit timestep values; None: `steps` evenly spaced
+    noise_level: int | None = None  # stages that noise their input image
+    embeddings: TextEmbeddings | None = None  # stages that use the family's shared text embeddings
+    prompt: str | None = None  # stages with their own text encoder (IF's x4 upscaler: CLIP)
     negative_prompt: str | None = None
-    image: torch.Tensor | None = None  # stages II and III: previous stage's output, (1, 3, h, w)
-    seed: int | None = None  # stage I starts the generator from the seed ...
-    generator_state: torch.Tensor | None = None  # ... later stages continue it
+    image: torch.Tensor | None = None  # the previous stage's output, (1, 3, h, w)
+    seed: int | None = None  # the request's seed: starts the generator when there is no state ...
+    generator_state: torch.Tensor | None = None  # ... the previous stage's generator, continued
 
 
 @dataclass(eq=False)  # identity semantics: tasks hold tensors
@@ -49,8 +49,6 @@ class Task:
     image_cond: torch.Tensor | None = None  # concatenated to the UNet input (noised low-res image)
     class_label: torch.Tensor | None = None  # noise level fed as the UNet's class label
     step_index: int = 0
-    cancelled: bool = False
-    step_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps
 
     @property
     def request_id(self) -> str:
@@ -75,4 +73,3 @@ class StageOutput:
     image: torch.Tensor  # (1, 3, H, W) in [-1, 1]: IF stages unclamped (as their output_type="pt"), stage III clamped
     generator_state: torch.Tensor
     steps: int = 0  # denoising steps it ran
-    step_batch_sizes: list[int] = field(default_factory=list)  # requests sharing each of its steps

@@ -11,9 +11,10 @@ torch.set_num_threads(os.cpu_count() or 1)
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     from stages.checkpoints import write_checkpoints
+    from stages.families import DEEPFLOYD_IF
 
     root = tmp_path_factory.mktemp("checkpoints") / "tiny"
-    write_checkpoints("tiny", root)
+    write_checkpoints(DEEPFLOYD_IF, "tiny", root)
     return root
 
 

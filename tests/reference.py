@@ -1,12 +1,33 @@
 """The seed document's reference diffusers code (shared/seeds/001_*), parameterised: the oracle that
-every image this project makes is compared against."""
+every image this project makes is compared against.
+
+It depends on nothing of the code under test: its defaults are the reference's own (each diffusers
+pipeline's call defaults, and the `noise_level=100` the seed's code passes to stage III; test_family_if.py
+checks them against both), and named timestep lists come from diffusers. A request's parameters are
+read from what was set on it; everything else takes these defaults.
+"""
 
 from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.pipelines.deepfloyd_if import timesteps as if_timesteps
 
-from stages.params import GenerationParams, timestep_list
+REFERENCE_DEFAULTS = {
+    "negative_prompt": None,
+    "seed": 0,
+    "size": 1024,
+    "stage1_steps": 100,
+    "stage1_timesteps": None,
+    "stage1_guidance": 7.0,
+    "stage2_steps": 50,
+    "stage2_timesteps": None,
+    "stage2_guidance": 4.0,
+    "stage2_noise_level": 250,
+    "stage3_steps": 75,
+    "stage3_guidance": 9.0,
+    "stage3_noise_level": 100,
+}
 
 
 def load_reference(root) -> tuple[DiffusionPipeline, DiffusionPipeline, DiffusionPipeline]:
@@ -18,47 +39,58 @@ def load_reference(root) -> tuple[DiffusionPipeline, DiffusionPipeline, Diffusio
     return stage_1, stage_2, stage_3
 
 
+def _timesteps(name: str | None) -> list[int] | None:
+    return None if name is None else list(getattr(if_timesteps, f"{name}_timesteps"))
+
+
+def request_fields(params) -> dict:
+    """The fields set on a request (a pydantic model or a mapping), over the reference's defaults."""
+    fields = params if isinstance(params, dict) else {k: getattr(params, k) for k in params.model_fields_set}
+    return {**REFERENCE_DEFAULTS, **fields}
+
+
 @torch.no_grad()
-def reference_cascade(pipes, p: GenerationParams) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def reference_cascade(pipes, params) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Images by size as (1, 3, H, W) tensors in [-1, 1], and the generator state after each stage;
     one generator goes through all three stages, as in the seed's code."""
+    p = request_fields(params)
     stage_1, stage_2, stage_3 = pipes
-    generator = torch.Generator().manual_seed(p.seed)
-    prompt_embeds, negative_embeds = stage_1.encode_prompt(p.prompt, negative_prompt=p.negative_prompt)
+    generator = torch.Generator().manual_seed(p["seed"])
+    prompt_embeds, negative_embeds = stage_1.encode_prompt(p["prompt"], negative_prompt=p["negative_prompt"])
     out, states = {}, {}
     out[64] = stage_1(
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
         generator=generator,
-        num_inference_steps=p.stage1_steps,
-        timesteps=timestep_list(p.stage1_timesteps),
-        guidance_scale=p.stage1_guidance,
+        num_inference_steps=p["stage1_steps"],
+        timesteps=_timesteps(p["stage1_timesteps"]),
+        guidance_scale=p["stage1_guidance"],
         output_type="pt",
     ).images
     states[64] = generator.get_state()
-    if p.size >= 256:
+    if p["size"] >= 256:
         out[256] = stage_2(
             image=out[64],
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             generator=generator,
-            num_inference_steps=p.stage2_steps,
-            timesteps=timestep_list(p.stage2_timesteps),
-            guidance_scale=p.stage2_guidance,
-            noise_level=p.stage2_noise_level,
+            num_inference_steps=p["stage2_steps"],
+            timesteps=_timesteps(p["stage2_timesteps"]),
+            guidance_scale=p["stage2_guidance"],
+            noise_level=p["stage2_noise_level"],
             output_type="pt",
         ).images
         states[256] = generator.get_state()
-    if p.size >= 1024:
+    if p["size"] >= 1024:
         # output_type="pt" returns [0, 1]; map back to [-1, 1] to compare like with like.
         image = stage_3(
-            prompt=p.prompt,
-            negative_prompt=p.negative_prompt,
+            prompt=p["prompt"],
+            negative_prompt=p["negative_prompt"],
             image=out[256],
             generator=generator,
-            num_inference_steps=p.stage3_steps,
-            guidance_scale=p.stage3_guidance,
-            noise_level=p.stage3_noise_level,
+            num_inference_steps=p["stage3_steps"],
+            guidance_scale=p["stage3_guidance"],
+            noise_level=p["stage3_noise_level"],
             output_type="pt",
         ).images
         out[1024] = image * 2 - 1

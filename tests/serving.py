@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from serve.config import ServeConfig, parse_config
+from stages.families.deepfloyd_if import GenerationParams
 from stages.images import to_pil
-from stages.params import GenerationParams
 from tests.reference import reference_cascade
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from stages.batch_invariance import _BATCHED_ARGS, RowGroups
-from stages.batching import StepBatcher
-from stages.cascade import stage_request
-from stages.params import GenerationParams
+from stages.executor import StageExecutor
+from stages.families.deepfloyd_if import GenerationParams
+from stages.scheduler import StageScheduler
+from tests.stepping import iterate, stage_request
 
 
 def _unet_inputs(unet, rows: int, size: int, seed: int = 0):
@@ -97,12 +98,13 @@ def test_unguided_tasks_get_their_own_call_only_when_invariant(cascade, invarian
         requests.append(stage_request("stage1", str(i), params, seed=params.seed, embeddings=emb))
     previous, engine.batch_invariant = engine.batch_invariant, invariant
     try:
-        batcher = StepBatcher(engine, max_batch_size=4)
+        scheduler, executor = StageScheduler(max_batch_size=4), StageExecutor(engine)
         for request in requests:
-            batcher.submit(request)
+            scheduler.submit(request.request_id, request)
         before = engine.unet_calls
-        outputs = batcher.run_until_idle()
+        reports = [iterate(scheduler, executor), iterate(scheduler, executor)]
     finally:
         engine.batch_invariant = previous
-    assert len(outputs) == 4 and list(batcher.batch_sizes) == [4, 4]
+    assert not scheduler.has_work and [r.batch_size for r in reports] == [4, 4]
+    assert len(reports[1].finished) == 4
     assert engine.unet_calls - before == 2 * calls_per_step

@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from stages import checkpoints
-from stages.checkpoints import parameter_counts, write_checkpoints
-from stages.presets import get_preset
+from stages.checkpoints import write_checkpoints
+from stages.families import DEEPFLOYD_IF
+from stages.families.deepfloyd_if import checkpoints
+from stages.families.deepfloyd_if.checkpoints import parameter_counts
+from stages.families.deepfloyd_if.presets import get_preset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "full-configs"
 
@@ -96,7 +98,7 @@ def test_failed_write_leaves_nothing_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoints, "build_vae", broken_vae)
     with pytest.raises(RuntimeError, match="disk full"):
-        write_checkpoints("tiny", tmp_path / "out")
+        write_checkpoints(DEEPFLOYD_IF, "tiny", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 

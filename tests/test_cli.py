@@ -6,8 +6,8 @@ import subprocess
 import numpy as np
 import PIL.Image
 
+from stages.families.deepfloyd_if import GenerationParams
 from stages.images import to_pil
-from stages.params import GenerationParams
 from tests.reference import load_reference, reference_cascade
 
 

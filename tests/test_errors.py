@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from serve.cli import main
-from stages.cascade import load_stage, stage_request
 from stages.errors import CheckpointError, InvalidParameter
+from stages.executor import StageExecutor
+from stages.families.deepfloyd_if import GenerationParams, load_stage1, load_stage2
 from stages.loading import load_pipeline
-from stages.params import GenerationParams
+from stages.scheduler import StageScheduler
 from stages.task import StageRequest, TextEmbeddings
+from tests.stepping import iterate, stage_request
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_engine_rejects_bad_steps_timesteps_noise(cascade, embeddings):
     image64 = torch.zeros(1, 3, 64, 64)
     cases = [
         (stage1, StageRequest("r", 0, 7.0, embeddings=embeddings, seed=1), "stage1_steps"),
-        (stage1, StageRequest("r", 5, 7.0, timesteps="fast99", embeddings=embeddings, seed=1), "stage1_timesteps"),
+        (stage1, StageRequest("r", 5, 7.0, timesteps=[5000, 10], embeddings=embeddings, seed=1), "stage1_timesteps"),
         (stage1, StageRequest("r", 5, -1.0, embeddings=embeddings, seed=1), "stage1_guidance"),
         (stage1, StageRequest("r", 5, 7.0, embeddings=embeddings), "seed"),
         (
@@ -112,7 +114,7 @@ def test_checkpoint_errors_name_the_folder(tmp_path, tiny_checkpoints):
     with pytest.raises(CheckpointError, match="cannot read"):
         load_pipeline(broken, expect=("IFPipeline",))
     with pytest.raises(CheckpointError, match="holds a IFSuperResolutionPipeline; expected IFPipeline"):
-        load_stage("stage1", tiny_checkpoints / "IF-II")
+        load_stage1(tiny_checkpoints / "IF-II")
     with pytest.raises(CheckpointError, match="neither a folder nor a model in the local Hugging Face cache"):
         load_pipeline("DeepFloyd/IF-I-XL-v1.0-not-cached", expect=("IFPipeline",))
 
@@ -124,7 +126,7 @@ def test_unreadable_weights_are_a_checkpoint_error(tmp_path, tiny_checkpoints):
     shutil.copytree(tiny_checkpoints / "IF-II", copy)
     (copy / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match=r"cannot load IFSuperResolutionPipeline from .*IF-II"):
-        load_stage("stage2", copy)
+        load_stage2(copy)
     index = json.loads((copy / "model_index.json").read_text())
     assert index["_class_name"] == "IFSuperResolutionPipeline"
 
@@ -154,13 +156,13 @@ def test_cli_reports_missing_checkpoints(tmp_path, capsys):
     assert "has no IF-I, IF-II, x4-upscaler folder" in err and "ifserve checkpoints" in err
 
 
-def test_batcher_refuses_only_the_bad_request(cascade, embeddings):
-    from stages.batching import StepBatcher
-
-    batcher = StepBatcher(cascade.stages["stage1"], max_batch_size=4)
+def test_scheduler_refuses_only_the_bad_request(cascade, embeddings):
+    scheduler, executor = StageScheduler(max_batch_size=4), StageExecutor(cascade.stages["stage1"])
     params = GenerationParams(prompt="a", stage1_steps=2)
-    batcher.submit(stage_request("stage1", "good", params, embeddings=embeddings, seed=1))
-    batcher.submit(StageRequest("bad", 0, 7.0, embeddings=embeddings, seed=1))
-    outputs = batcher.run_until_idle()
-    assert [o.request_id for o in outputs] == ["good"]
-    assert batcher.failures["bad"].param == "stage1_steps"
+    scheduler.submit("good", stage_request("stage1", "good", params, embeddings=embeddings, seed=1))
+    scheduler.submit("bad", StageRequest("bad", 0, 7.0, embeddings=embeddings, seed=1))
+    first = iterate(scheduler, executor)
+    assert [(t.request_id, e.param) for t, e in first.failed] == [("bad", "stage1_steps")]
+    assert first.batch_size == 1 and [t.status.value for t, _ in first.failed] == ["failed"]
+    second = iterate(scheduler, executor)
+    assert [t.request_id for t, _ in second.finished] == ["good"] and not scheduler.has_work

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.batching import StepBatcher
-from stages.cascade import stage_request
+from stages.executor import StageExecutor
+from stages.families.deepfloyd_if import GenerationParams
 from stages.images import to_pil
-from stages.params import GenerationParams
+from stages.scheduler import StageScheduler
 from tests.reference import reference_cascade
+from tests.stepping import iterate, stage_request
 
 TOL = 1e-4  # max abs difference in [-1, 1]: the contract, alone or sharing batches (batch invariance is on)
 
@@ -103,15 +104,19 @@ def test_stage_shared_steps_match_reference(cascade, references, stage, size):
     """Tasks join a running batch mid-denoise and leave at their own last step; each still equals
     its reference run alone."""
     engine = cascade.stages[stage]
-    batcher = StepBatcher(engine, max_batch_size=8)
+    scheduler, executor = StageScheduler(max_batch_size=8), StageExecutor(engine)
     calls_before = engine.unet_calls
-    outputs = {}
+    outputs, sizes = {}, []
     arrivals = {0: [0], 2: [1], 3: [2, 0]}  # step -> cases arriving; case 0 twice (a repeat request)
     step = 0
-    while step <= max(arrivals) or not batcher.idle:
+    while step <= max(arrivals) or scheduler.has_work:
         for n, case in enumerate(arrivals.get(step, [])):
-            batcher.submit(_stage_request(cascade, stage, size, case, references[case], f"{case}-{step}-{n}"))
-        outputs.update({o.request_id: o for o in batcher.step()})
+            request_id = f"{case}-{step}-{n}"
+            scheduler.submit(request_id, _stage_request(cascade, stage, size, case, references[case], request_id))
+        report = iterate(scheduler, executor)
+        assert not report.failed
+        outputs.update({task.request_id: output for task, output in report.finished})
+        sizes.append(report.batch_size)
         step += 1
 
     assert len(outputs) == 4
@@ -120,15 +125,16 @@ def test_stage_shared_steps_match_reference(cascade, references, stage, size):
         assert _max_diff(output.image, references[case][0][size]) <= TOL, request_id
         assert _pixel_diff(output.image, references[case][0][size]) <= 1, request_id
     # Steps really were shared: batches grew as tasks joined and shrank as they left.
-    sizes = batcher.batch_sizes
     assert sizes[0] == 1 and max(sizes) >= 3 and sizes[-1] < max(sizes)
-    task_steps = sum(len(o.step_batch_sizes) for o in outputs.values())
+    task_steps = sum(o.steps for o in outputs.values())
+    assert task_steps == sum(sizes)
     assert engine.unet_calls - calls_before < task_steps
 
 
 @pytest.mark.parametrize("mode", ["step", "request"])
 def test_cascade_matches_reference(cascade, references, mode):
     results = cascade.generate_many(CASES, mode=mode, max_batch_size=4)
+    assert [r.error for r in results] == [None] * len(CASES)
     for params, result, (ref_images, _) in zip(CASES, results, references, strict=True):
         for _, size in STAGES:
             assert result.images[size].size == (size, size)

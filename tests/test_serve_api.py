@@ -17,7 +17,7 @@ from ray import serve
 
 from serve import local_cluster
 from serve.app import APP_NAME
-from stages.params import GenerationParams
+from stages.families.deepfloyd_if import GenerationParams
 from tests.serving import REPLICA_THREADS, decode, pixels, reference_images, serving_config, torch_threads, wait_for
 
 pytestmark = pytest.mark.serve

@@ -62,8 +62,20 @@ def test_up_serves_with_api_keys_and_stops_cleanly_on_sigint(tmp_path):
         assert any(f"at {url}" in line for line in lines)
         assert (checkpoints / "IF-I" / "model_index.json").is_file()  # it made the tiny checkpoints first
 
-        anonymous = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a"}, timeout=60)
+        route = f"{url}/v1/images/generations"
+        anonymous = httpx.post(route, json={"prompt": "a"}, timeout=60)
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+        # Auth comes before the body is read: a bad or oversized body without a key is a 401 too.
+        oversized = b'{"prompt": "' + b"x" * (1 << 20) + b'"}'
+        json_header = {"content-type": "application/json"}
+        for body in (b"{not json", b'{"prompt": ""}', oversized):
+            refused = httpx.post(route, content=body, headers=json_header, timeout=60)
+            assert refused.status_code == 401, (body[:20], refused.text)
+        keyed = {**json_header, "Authorization": "Bearer sk-test"}
+        too_large = httpx.post(route, content=oversized, headers=keyed, timeout=60)
+        assert too_large.status_code == 413 and too_large.json()["error"]["param"] == "body"
+        malformed = httpx.post(route, content=b"{not json", headers=keyed, timeout=60)
+        assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "body"
         assert httpx.get(f"{url}/healthz", timeout=60).status_code == 200  # probes need no key
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0, timeout=300)

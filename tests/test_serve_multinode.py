@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 
 from serve import local_cluster
 from serve.app import APP_NAME
-from stages.params import GenerationParams
+from stages.families.deepfloyd_if import GenerationParams
 from tests.serving import decode, reference_images, serving_config
 
 pytestmark = pytest.mark.serve

@@ -60,8 +60,6 @@ class IFPixelStage(DenoisingStage):
 class StageI(IFPixelStage):
     """Text embeddings -> 64x64 image (IFPipeline)."""
 
-    name = "stage1"
-
     def admit(self, requests: list[StageRequest]) -> list[Task]:
         tasks = []
         size = self.unet.config.sample_size
@@ -81,8 +79,6 @@ class StageI(IFPixelStage):
 
 class StageII(IFPixelStage):
     """64x64 image + text embeddings -> 256x256 image (IFSuperResolutionPipeline)."""
-
-    name = "stage2"
 
     def admit(self, requests: list[StageRequest]) -> list[Task]:
         tasks = []

@@ -15,10 +15,8 @@ from stages.task import StageOutput, StageRequest, Task
 
 
 class StageIII(DenoisingStage):
-    name = "stage3"
-
-    def __init__(self, pipe, batch_invariant: bool = True):
-        super().__init__(pipe, batch_invariant)
+    def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage3"):
+        super().__init__(pipe, batch_invariant, name)
         self.max_noise_level = pipe.config.max_noise_level
         vae = pipe.vae
         if vae.dtype == torch.float16 and vae.config.force_upcast:
@@ -85,4 +83,4 @@ class StageIII(DenoisingStage):
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         # The pipeline's postprocess clamps the decoded image; the final stage's output is that image.
         image = image.clamp(-1.0, 1.0)
-        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index, task.step_batch_sizes)
+        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index)

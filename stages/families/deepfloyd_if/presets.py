@@ -1,7 +1,7 @@
 """Model sizes for the checkpoints we generate.
 
 `full` is the real architecture (IF-I-XL, IF-II-L, the x4 upscaler, T5-v1.1-XXL), read from the
-configs shipped in `stages/configs/full/`. `small` and `tiny` keep every block type, scheduler and
+configs shipped in `configs/full/` beside this module. `small` and `tiny` keep every block type, scheduler and
 resolution of `full` (64 -> 256 -> 1024 px) and shrink only widths and depths: `tiny` for tests
 (seconds on a CPU), `small` for CPU benchmarks (a UNet step costs tens of milliseconds).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 PRESETS = ("tiny", "small", "full")
 
-# Component name -> config file in stages/configs/full.
+# Component name -> config file in configs/full.
 _FULL_FILES = {
     "t5": "t5-v1_1-xxl.json",
     "stage1_unet": "if-i-xl.unet.json",
@@ -131,7 +131,7 @@ class Preset:
 
 @cache
 def _full_config(component: str) -> dict[str, Any]:
-    text = resources.files("stages.configs.full").joinpath(_FULL_FILES[component]).read_text()
+    text = resources.files("stages.families.deepfloyd_if.configs.full").joinpath(_FULL_FILES[component]).read_text()
     return json.loads(text)
 
 

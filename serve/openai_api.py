@@ -1,0 +1,145 @@
+"""The OpenAI shapes of the HTTP API, in one place: the image-generation request (OpenAI's Images API
+fields plus the family's own parameters), the response, errors, and the streaming events.
+
+`POST /v1/images/generations` takes OpenAI's fields (`prompt`, `model`, `n`, `size`, `response_format`,
+`user`, `stream`) and, as extension fields that the official client sends through `extra_body`, every
+field of the family's request parameters but the prompt and size (`negative_prompt`, `seed`,
+`stage1_steps`, ...), derived from them with their bounds and descriptions, so nothing is declared twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from typing import Annotated, Any, ClassVar, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from stages.errors import InvalidParameter
+from stages.images import png_bytes, to_pil
+from stages.params import RequestParams, invalid_parameter
+
+MAX_IMAGES = 8
+RETRY_AFTER_S = 2
+OPENAI_FIELDS = ("prompt", "size", "seed")  # family fields the OpenAI part of the request declares itself
+
+
+class ImageRequestBase(BaseModel):
+    """OpenAI's own fields; `image_request_model` adds the family's."""
+
+    model_config = ConfigDict(extra="forbid")
+    PARAMS: ClassVar[type[RequestParams]]  # the family's request parameters (set on the derived class)
+
+    prompt: str
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] = 1
+    size: str = "1024x1024"  # where the cascade stops; the derived model lists the family's sizes
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: Annotated[str, Field(max_length=256)] | None = None
+    stream: bool = False  # server-sent events: a preview per finished stage, then the image
+    partial_images: Annotated[int, Field(ge=0, le=3)] | None = None  # accepted; previews are one per stage
+    output_format: Literal["png"] = "png"
+    # Accepted so that generic OpenAI clients work; they have no effect on this model.
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63 - MAX_IMAGES)] | None = Field(
+        None, description="seed of image 0 (image i uses seed + i); random if unset, returned per image"
+    )
+
+    def generation_params(self) -> list[RequestParams]:
+        """One RequestParams per image: image i uses seed + i. Raises InvalidParameter."""
+        names = set(self.PARAMS.model_fields) - set(OPENAI_FIELDS)
+        fields = {k: v for k, v in self.model_dump(include=names).items() if v is not None}
+        fields["prompt"] = self.prompt
+        fields["size"] = int(self.size.partition("x")[0])
+        fields["seed"] = seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
+        first = self.PARAMS.parse(**fields)
+        return [first.model_copy(update={"seed": seed + i}) for i in range(self.n)]
+
+
+def image_request_model(params: type[RequestParams]) -> type[ImageRequestBase]:
+    """The request model for a family: OpenAI's fields, `size` as the family's "WxH" sizes, and each
+    family field, optional, with its bounds and description (unset: the family's default)."""
+    sizes = tuple(f"{s}x{s}" for s in params.model_fields["size"].annotation.__args__)
+    fields: dict[str, Any] = {"size": (Literal[sizes], Field(sizes[-1], description="where the cascade stops"))}
+    for name, info in params.model_fields.items():
+        if name not in OPENAI_FIELDS:
+            fields[name] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+    model = create_model("ImageGenerationRequest", __base__=ImageRequestBase, **fields)
+    model.PARAMS = params
+    return model
+
+
+def parse_image_request(model: type[ImageRequestBase], body: bytes) -> ImageRequestBase:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise InvalidParameter("body", f"not valid JSON: {first.get('ctx', {}).get('error', '')}") from None
+        if first["type"] == "model_type":
+            raise InvalidParameter("body", "must be a JSON object") from None
+        raise invalid_parameter(err) from None
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error", code=None) -> dict:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(message, param=param, kind=kind, code=code), status_code=status, headers=headers)
+
+
+def retry_later(message: str, code: str) -> JSONResponse:
+    """503 with Retry-After: the server is not ready, or a stage shed the request."""
+    return error_response(503, message, kind="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+def png(image) -> bytes:
+    """A (1, 3, H, W) image in [-1, 1] as PNG bytes."""
+    return png_bytes(to_pil(image))
+
+
+def image_item(seed: int, stages: list[dict], picture: bytes | None = None, url: str | None = None) -> dict:
+    item: dict[str, Any] = {"revised_prompt": None, "seed": seed, "stages": stages}
+    if url is not None:
+        item["url"] = url
+    else:
+        item["b64_json"] = base64.b64encode(picture).decode()
+    return item
+
+
+def images_response(request_id: str, model: str, data: list[dict]) -> dict:
+    return {"created": int(time.time()), "model": model, "id": request_id, "data": data}
+
+
+def image_event(kind: str, index: int, seed: int, picture: bytes, size: int, **extra) -> dict:
+    """One streaming event, shaped like OpenAI's `image_generation.partial_image` / `.completed`."""
+    return {
+        "type": f"image_generation.{kind}",
+        "index": index,
+        "seed": seed,
+        "b64_json": base64.b64encode(picture).decode(),
+        "size": f"{size}x{size}",
+        "created_at": int(time.time()),
+        "output_format": "png",
+        "quality": "auto",
+        "background": "opaque",
+        **extra,
+    }

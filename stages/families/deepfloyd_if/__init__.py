@@ -1,0 +1,112 @@
+"""DeepFloyd IF: a frozen T5 text encoder, stage I (text -> 64 px), stage II (64 -> 256 px) and
+Stability's x4 upscaler as stage III (256 -> 1024 px, with its own CLIP text encoder and VAE).
+
+Everything IF-specific is in this package: the pipeline folders and stage list (`DEEPFLOYD_IF`), the
+request parameters with the reference's defaults (`GenerationParams`), the loaders, the checkpoint
+limits, the presets (`presets.py`) and the checkpoint writer (`checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers.pipelines.deepfloyd_if import timesteps as _if_timesteps
+from pydantic import Field
+
+from stages.families.deepfloyd_if.checkpoints import FOLDERS, write_pipelines
+from stages.families.deepfloyd_if.pixel_stages import StageI, StageII
+from stages.families.deepfloyd_if.presets import PRESETS
+from stages.families.deepfloyd_if.text_encoder import T5TextEncoder
+from stages.families.deepfloyd_if.upscaler import StageIII
+from stages.family import ModelFamily, StageSpec
+from stages.loading import load_pipeline
+from stages.params import Guidance, NoiseLevel, StageParams, Steps, request_params
+
+# Named timestep lists shipped with diffusers (fast27, smart50, super100, ...).
+TIMESTEP_LISTS: dict[str, list[int]] = {
+    name.removesuffix("_timesteps"): list(getattr(_if_timesteps, name))
+    for name in dir(_if_timesteps)
+    if name.endswith("_timesteps")
+}
+_LISTS = ", ".join(sorted(TIMESTEP_LISTS))
+
+
+# The defaults are those of the seed's reference code: each pipeline's own call defaults, and stage III's
+# noise_level=100 as the reference passes it (tests/test_family_if.py checks them against both).
+class StageIParams(StageParams):
+    TIMESTEP_LISTS = TIMESTEP_LISTS
+    steps: Steps = Field(100, description="stage I denoising steps")
+    timesteps: str | None = Field(None, description=f"stage I named timestep list: {_LISTS}")
+    guidance: Guidance = Field(7.0, description="stage I guidance scale")
+
+
+class StageIIParams(StageParams):
+    TIMESTEP_LISTS = TIMESTEP_LISTS
+    steps: Steps = Field(50, description="stage II denoising steps")
+    timesteps: str | None = Field(None, description="stage II named timestep list")
+    guidance: Guidance = Field(4.0, description="stage II guidance scale")
+    noise_level: NoiseLevel = Field(250, description="stage II noise added to the 64 px image, [0, 1000)")
+
+
+class StageIIIParams(StageParams):
+    steps: Steps = Field(75, description="stage III denoising steps")
+    guidance: Guidance = Field(9.0, description="stage III guidance scale")
+    noise_level: NoiseLevel = Field(100, description="stage III noise added to the 256 px image, [0, 350]")
+
+
+GenerationParams = request_params(
+    "GenerationParams",
+    {"stage1": StageIParams, "stage2": StageIIParams, "stage3": StageIIIParams},
+    sizes=(64, 256, 1024),
+    module=__name__,
+)
+
+
+def load_text_encoder(path, *, batch_invariant: bool = True, **kw) -> T5TextEncoder:
+    """T5 from the stage I folder (its UNet left out)."""
+    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("unet",), param="text_encoder", **kw)
+    return T5TextEncoder(pipe, batch_invariant)
+
+
+def load_stage1(path, *, name: str = "stage1", batch_invariant: bool = True, **kw) -> StageI:
+    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder",), param=name, **kw)
+    return StageI(pipe, batch_invariant, name)
+
+
+def load_stage2(path, *, name: str = "stage2", batch_invariant: bool = True, **kw) -> StageII:
+    pipe = load_pipeline(path, expect=("IFSuperResolutionPipeline",), exclude=("text_encoder",), param=name, **kw)
+    return StageII(pipe, batch_invariant, name)
+
+
+def load_stage3(path, *, name: str = "stage3", batch_invariant: bool = True, **kw) -> StageIII:
+    pipe = load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=name, **kw)
+    return StageIII(pipe, batch_invariant, name)
+
+
+def _limits(root: Path) -> dict[str, float]:
+    index = Path(root) / FOLDERS["stage3"] / "model_index.json"
+    try:
+        return {"stage3_noise_level": json.loads(index.read_text())["max_noise_level"]}
+    except (OSError, ValueError, KeyError):
+        return {}  # the stage itself still refuses it
+
+
+DEEPFLOYD_IF = ModelFamily(
+    name="deepfloyd-if",
+    encoder_folder=FOLDERS["stage1"],
+    load_encoder=load_text_encoder,
+    stages=(
+        StageSpec("stage1", "StageI", FOLDERS["stage1"], 64, uses_embeddings=True, load=load_stage1),
+        StageSpec("stage2", "StageII", FOLDERS["stage2"], 256, uses_embeddings=True, load=load_stage2),
+        StageSpec("stage3", "StageIII", FOLDERS["stage3"], 1024, uses_embeddings=False, load=load_stage3),
+    ),
+    params=GenerationParams,
+    presets=PRESETS,
+    write_pipelines=write_pipelines,
+    checkpoint_limits=_limits,
+    # IF's own 27-step list for stage I, 10 steps for stages II and III.
+    quick_params={"stage1_timesteps": "fast27", "stage2_steps": 10, "stage3_steps": 10},
+)
+
+__all__ = ["DEEPFLOYD_IF", "GenerationParams", "TIMESTEP_LISTS"]

@@ -1,0 +1,158 @@
+"""Write an IF preset as three diffusers-format pipeline folders with random weights:
+
+    DIR/IF-I          IFPipeline                       (T5 text encoder, tokenizer, UNet, scheduler)
+    DIR/IF-II         IFSuperResolutionPipeline        (tokenizer, UNet, schedulers; no text encoder)
+    DIR/x4-upscaler   StableDiffusionUpscalePipeline   (CLIP text encoder, tokenizer, UNet, VAE, schedulers)
+
+The folders are saved by diffusers' own pipeline classes, so `DiffusionPipeline.from_pretrained`
+loads them exactly as it loads the released checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    IFPipeline,
+    IFSuperResolutionPipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from stages.families.deepfloyd_if.presets import Preset, get_preset
+from stages.tokenizers import train_clip_tokenizer, train_t5_tokenizer
+
+FOLDERS = {"stage1": "IF-I", "stage2": "IF-II", "stage3": "x4-upscaler"}  # the text encoder is in IF-I
+
+
+def _scheduler(cls, config: dict):
+    return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def build_text_encoder(preset: Preset, vocab_size: int | None = None) -> T5EncoderModel:
+    cfg = preset.config("t5")
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+    return T5EncoderModel(T5Config(**cfg))
+
+
+def build_unet(preset: Preset, stage: str) -> UNet2DConditionModel:
+    return UNet2DConditionModel(**preset.config(f"{stage}_unet"))
+
+
+def build_vae(preset: Preset) -> AutoencoderKL:
+    return AutoencoderKL(**preset.config("stage3_vae"))
+
+
+def build_clip_text_encoder(preset: Preset, vocab_size: int | None = None) -> CLIPTextModel:
+    cfg = preset.config("stage3_text_encoder")
+    if vocab_size is not None:
+        cfg["vocab_size"] = vocab_size
+    return CLIPTextModel(CLIPTextConfig(**cfg))
+
+
+def _vocab(preset: Preset, component: str, tokenizer) -> int | None:
+    # `full` keeps the released embedding tables; smaller presets size them to the trained tokenizer.
+    return None if preset.name == "full" else len(tokenizer)
+
+
+def _keep_tokenizer_sources(src: Path, pipeline_dir: Path, names: tuple[str, ...]) -> None:
+    """Also keep the tokenizer's source files (spiece.model; vocab.json + merges.txt) next to the
+    tokenizer.json that save_pretrained writes, as in the released checkpoints."""
+    for name in names:
+        shutil.copy(src / name, pipeline_dir / "tokenizer" / name)
+
+
+def _cast(pipeline, dtype: torch.dtype):
+    return pipeline if dtype == torch.float32 else pipeline.to(dtype)
+
+
+def write_pipelines(
+    preset_name: str,
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    variant: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> None:
+    """Write the three pipeline folders into `out` (a scratch folder: `stages.checkpoints` moves them
+    into place once all are written). Weights come from torch's global generator, seeded by the caller."""
+    preset = get_preset(preset_name)
+    save = dict(safe_serialization=True, variant=variant)
+    paths = {stage: out / folder for stage, folder in FOLDERS.items()}
+    _write_pipelines(preset, paths, out, save, dtype, progress)
+
+
+def _write_pipelines(preset: Preset, paths: dict[str, Path], tmp: Path, save: dict, dtype, progress) -> None:
+    t5_dir, clip_dir = tmp / "tokenizer-t5", tmp / "tokenizer-clip"
+    t5_tokenizer = train_t5_tokenizer(t5_dir, preset.t5_pieces)
+    clip_tokenizer = train_clip_tokenizer(clip_dir, preset.clip_merges)
+
+    progress(f"IF-I ({preset.name}): T5 text encoder + stage I UNet")
+    stage1 = IFPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=build_text_encoder(preset, _vocab(preset, "t5", t5_tokenizer)),
+        unet=build_unet(preset, "stage1"),
+        scheduler=_scheduler(DDPMScheduler, preset.config("stage1_scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    _cast(stage1, dtype).save_pretrained(paths["stage1"], **save)
+    _keep_tokenizer_sources(t5_dir, paths["stage1"], ("spiece.model",))
+    del stage1
+
+    progress(f"IF-II ({preset.name}): stage II UNet")
+    stage2 = IFSuperResolutionPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=None,  # stage II reuses stage I's embeddings (text_encoder=None in the reference)
+        unet=build_unet(preset, "stage2"),
+        scheduler=_scheduler(DDPMScheduler, preset.config("stage2_scheduler")),
+        image_noising_scheduler=_scheduler(DDPMScheduler, preset.config("stage2_image_noising_scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    _cast(stage2, dtype).save_pretrained(paths["stage2"], **save)
+    _keep_tokenizer_sources(t5_dir, paths["stage2"], ("spiece.model",))
+    del stage2
+
+    progress(f"x4-upscaler ({preset.name}): CLIP text encoder + UNet + VAE")
+    stage3 = StableDiffusionUpscalePipeline(
+        vae=build_vae(preset),
+        text_encoder=build_clip_text_encoder(preset, _vocab(preset, "clip", clip_tokenizer)),
+        tokenizer=clip_tokenizer,
+        unet=build_unet(preset, "stage3"),
+        low_res_scheduler=_scheduler(DDPMScheduler, preset.config("stage3_low_res_scheduler")),
+        scheduler=_scheduler(DDIMScheduler, preset.config("stage3_scheduler")),
+        max_noise_level=350,
+    )
+    _cast(stage3, dtype).save_pretrained(paths["stage3"], **save)
+    _keep_tokenizer_sources(clip_dir, paths["stage3"], ("vocab.json", "merges.txt"))
+
+
+def parameter_counts(preset_name: str) -> dict[str, int]:
+    """Parameters per model, built on the meta device (no memory, no weights written)."""
+    preset = get_preset(preset_name)
+    builders = {
+        "t5_encoder": lambda: build_text_encoder(preset),
+        "stage1_unet": lambda: build_unet(preset, "stage1"),
+        "stage2_unet": lambda: build_unet(preset, "stage2"),
+        "stage3_unet": lambda: build_unet(preset, "stage3"),
+        "stage3_vae": lambda: build_vae(preset),
+        "stage3_text_encoder": lambda: build_clip_text_encoder(preset),
+    }
+    counts = {}
+    with torch.device("meta"):
+        for name, build in builders.items():
+            counts[name] = sum(p.numel() for p in build().parameters())
+    return counts

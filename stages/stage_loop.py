@@ -1,0 +1,256 @@
+"""The loop that drives one stage: schedule -> execute -> update, then answer the callers the report
+names. No Ray here: a Ray Serve replica runs it in a thread of its own (`start()`), so that the
+replica's event loop stays free to accept requests and cancellations; the in-process cascade steps it
+from its own event loop (`iterate()`).
+
+Callers and the loop talk through a queue only: `run()` posts a submission and awaits an asyncio future
+that the loop resolves when the task finishes, fails or is cancelled; a cancelled `run()` posts a
+cancellation, and the task leaves the batch before the next step. Every caller gets an answer: a
+failure in one task fails that task (stages/executor.py), and should the loop itself ever die, every
+waiting caller gets its error and later calls are refused at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stages.errors import StageFailure
+from stages.executor import StageExecutor
+from stages.family import StepEngine
+from stages.scheduler import ScheduledTask, StageReport, StageScheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageRecord:
+    """What one request did in one stage: the timings and batches a client or dashboard wants."""
+
+    stage: str
+    queue_seconds: float  # submitted -> first step
+    run_seconds: float  # first step -> finished
+    steps: int
+    max_batch: int  # most requests that shared one of its steps
+    replica: str = ""
+
+
+@dataclass
+class StageLoopStats:
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    steps: int = 0  # batched steps executed
+    task_steps: int = 0  # sum of the batch sizes of those steps
+    max_batch: int = 0
+
+
+class LoopMetrics(Protocol):
+    def arrived_task(self) -> None: ...
+    def started(self, queue_wait_s: float) -> None: ...
+    def stepped(self, seconds: float, batch: int, finished: int) -> None: ...
+    def finished(self, residence_s: float) -> None: ...
+    def ended(self, outcome: str) -> None: ...
+    def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None: ...
+
+
+@dataclass
+class _Caller:
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+class StageLoop:
+    def __init__(
+        self,
+        engine: StepEngine,
+        scheduler: StageScheduler,
+        *,
+        replica: str = "",
+        metrics: LoopMetrics | None = None,
+        max_replicas: int = 1,
+        refresh_s: float = 1.0,
+        batch_wait_s: float = 0.0,
+    ):
+        self.name = engine.name
+        self.scheduler = scheduler
+        self.executor = StageExecutor(engine)
+        self.replica = replica
+        self.metrics = metrics
+        self.max_replicas = max_replicas
+        self.refresh_s = refresh_s
+        self.batch_wait_s = batch_wait_s  # an idle stage waits this long for a first batch to fill
+        self.stats = StageLoopStats()
+        self.dead: BaseException | None = None
+        self._refreshed = 0.0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._callers: dict[str, _Caller] = {}  # owned by the loop's thread
+        self._thread: threading.Thread | None = None
+
+    # ---- called by the callers (any thread's event loop) -------------------------------------------
+    async def run(self, request_id: str, request: Any) -> tuple[Any, StageRecord]:
+        """The stage's output for one work order, and what the request did here."""
+        if self.dead is not None:
+            raise StageFailure(self.name, "replica", "its engine loop has stopped")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._post(("submit", request_id, request, _Caller(future, loop)))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._post(("cancel", request_id))
+            raise
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
+
+    def start(self) -> StageLoop:
+        self._thread = threading.Thread(target=self._thread_main, name=f"{self.name}-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _post(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _thread_main(self) -> None:
+        try:
+            while not self._stopped:
+                self._wake.clear()
+                self._drain()
+                self._refresh()
+                if not self.scheduler.has_work:
+                    self._wake.wait(timeout=self.refresh_s if self.metrics else None)
+                    continue
+                if self._gathering():
+                    self._wake.wait(timeout=self.batch_wait_s)
+                    self._drain()
+                self.iterate()
+        except BaseException as err:  # noqa: BLE001 - must answer every caller, whatever happened
+            log.exception("%s: the engine loop died", self.name)
+            self.abort(err)
+
+    def _gathering(self) -> bool:
+        """An idle stage with room waits `batch_wait_s` once for more arrivals before its first step."""
+        return (
+            bool(self.batch_wait_s)
+            and self.scheduler.num_running == 0
+            and (0 < self.scheduler.num_waiting < self.scheduler.max_batch_size)
+        )
+
+    def iterate(self) -> bool:
+        """Take in what callers posted, then one schedule -> execute -> update; True while work remains."""
+        self._drain()
+        if not self.scheduler.has_work:
+            return False
+        plan = self.scheduler.schedule()
+        start = time.perf_counter()
+        result = self.executor.execute(plan)
+        end = time.perf_counter()
+        self._answer(self.scheduler.update(plan, result), start, end)
+        return self.scheduler.has_work
+
+    def abort(self, err: BaseException) -> None:
+        """Fail every caller still waiting: the loop cannot go on."""
+        self.dead = err
+        self._drain()
+        failure = StageFailure(self.name, "replica", f"its engine loop stopped ({type(err).__name__})")
+        for request_id in list(self._callers):
+            self._resolve(request_id, error=failure)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "submit":
+                _, request_id, request, caller = message
+                try:
+                    self.scheduler.submit(request_id, request)
+                except ValueError as err:
+                    caller.loop.call_soon_threadsafe(_settle, caller.future, None, err)
+                    continue
+                self._callers[request_id] = caller
+                self.stats.submitted += 1
+                if self.metrics:
+                    self.metrics.arrived_task()
+            else:
+                self.scheduler.cancel(message[1])  # reported by the next update()
+
+    def _answer(self, report: StageReport, start: float, end: float) -> None:
+        for task in report.cancelled:
+            self.stats.cancelled += 1
+            if self.metrics:
+                self.metrics.ended("cancelled")
+            self._resolve(task.request_id, error=asyncio.CancelledError())
+        for task in report.started:
+            if self.metrics:
+                self.metrics.started(task.first_step_at - task.arrival)
+        if report.batch_size:
+            self.stats.steps += 1
+            self.stats.task_steps += report.batch_size
+            self.stats.max_batch = max(self.stats.max_batch, report.batch_size)
+            if self.metrics:
+                self.metrics.stepped(end - start, report.batch_size, len(report.finished))
+        for task, error in report.failed:
+            self.stats.failed += 1
+            if self.metrics:
+                self.metrics.ended("failed")
+            self._resolve(task.request_id, error=error)
+        for task, output in report.finished:
+            self.stats.completed += 1
+            if self.metrics:
+                self.metrics.finished(end - task.arrival)
+            self._resolve(task.request_id, result=(output, self._record(task, end)))
+
+    def _record(self, task: ScheduledTask, end: float) -> StageRecord:
+        started = task.first_step_at or end
+        return StageRecord(
+            stage=self.name,
+            queue_seconds=started - task.arrival,
+            run_seconds=end - started,
+            steps=task.steps,
+            max_batch=max(task.batch_sizes, default=0),
+            replica=self.replica,
+        )
+
+    def _refresh(self) -> None:
+        if self.metrics is None or time.monotonic() - self._refreshed < self.refresh_s:
+            return
+        self._refreshed = time.monotonic()
+        load = self.load
+        self.metrics.refresh(load["running"], load["waiting"], self.scheduler.max_batch_size, self.max_replicas)
+
+    def _resolve(self, request_id: str, result: Any = None, error: BaseException | None = None) -> None:
+        caller = self._callers.pop(request_id, None)
+        if caller is not None:
+            caller.loop.call_soon_threadsafe(_settle, caller.future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    elif error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
