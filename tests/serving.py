@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import io
+import os
 import socket
 import time
 from contextlib import contextmanager
@@ -22,6 +23,20 @@ from stages.images import to_pil
 from tests.reference import reference_cascade
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def fast_metrics_export():
+    """Ray exports metrics every second instead of every 10 s (set before the cluster starts)."""
+    previous = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_metrics_report_interval_ms", None)
+        else:
+            os.environ["RAY_metrics_report_interval_ms"] = previous
 
 
 def free_port() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,15 @@ from stages.families.deepfloyd_if import GenerationParams
 from stages.families.deepfloyd_if.upscaler import StageIII
 from stages.loading import load_pipeline
 from tests.reference import reference_cascade
-from tests.serving import decode, free_port, reference_images, serving_config, torch_threads, wait_for
+from tests.serving import (
+    decode,
+    fast_metrics_export,
+    free_port,
+    reference_images,
+    serving_config,
+    torch_threads,
+    wait_for,
+)
 
 # The request whose seed is a key fails in that phase of stage III.
 POISON = {901: "admit", 902: "predict", 903: "advance", 904: "finish"}
@@ -101,22 +108,17 @@ def test_in_process_only_the_poisoned_requests_fail(tiny_checkpoints, reference_
 # ---- served ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tiny_checkpoints, tmp_path_factory):
-    previous = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
-    metrics_port = free_port()
-    config = serving_config(
-        tiny_checkpoints,
-        tmp_path_factory.mktemp("serve-faults"),
-        model={"family": f"{__name__}:FAULTY_IF"},
-        stages={"stage3": {"max_batch_size": 8, "max_ongoing_requests": 16}},
-    )
-    url = local_cluster.start(config, progress=lambda *_: None, metrics_port=metrics_port)
-    yield url, metrics_port
-    local_cluster.stop()
-    if previous is None:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
-    else:
-        os.environ["RAY_metrics_report_interval_ms"] = previous
+    with fast_metrics_export():
+        metrics_port = free_port()
+        config = serving_config(
+            tiny_checkpoints,
+            tmp_path_factory.mktemp("serve-faults"),
+            model={"family": f"{__name__}:FAULTY_IF"},
+            stages={"stage3": {"max_batch_size": 8, "max_ongoing_requests": 16}},
+        )
+        url = local_cluster.start(config, progress=lambda *_: None, metrics_port=metrics_port)
+        yield url, metrics_port
+        local_cluster.stop()
 
 
 def post(url: str, **body) -> httpx.Response:

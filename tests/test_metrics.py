@@ -5,7 +5,6 @@ service-discovery file, and every recording rule and every dashboard panel query
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -18,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve import local_cluster
-from tests.serving import ROOT, free_port, serving_config, wait_for
+from tests.serving import ROOT, fast_metrics_export, free_port, serving_config, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -55,17 +54,12 @@ def _binary(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoints, tmp_path_factory):
-    previous = os.environ.get("RAY_metrics_report_interval_ms")
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # export every second (default 10 s)
-    metrics_port = free_port()
-    config = serving_config(tiny_checkpoints, tmp_path_factory.mktemp("serve-metrics"))
-    url = local_cluster.start(config, progress=lambda *_: None, metrics_port=metrics_port)
-    yield url, metrics_port
-    local_cluster.stop()
-    if previous is None:
-        os.environ.pop("RAY_metrics_report_interval_ms", None)
-    else:
-        os.environ["RAY_metrics_report_interval_ms"] = previous
+    with fast_metrics_export():
+        metrics_port = free_port()
+        config = serving_config(tiny_checkpoints, tmp_path_factory.mktemp("serve-metrics"))
+        url = local_cluster.start(config, progress=lambda *_: None, metrics_port=metrics_port)
+        yield url, metrics_port
+        local_cluster.stop()
 
 
 @pytest.fixture(scope="module")
