@@ -31,6 +31,8 @@ def build_app(config: ServeConfig) -> Application:
         dtype=config.model.dtype,
         variant=config.model.variant,
         batch_invariant=config.model.batch_invariant,
+        safety_checker=config.model.safety_checker,
+        text_encoder_8bit=config.model.text_encoder_8bit,
     )
     enc = config.encoder
     encoder = TextEncoder.options(name="TextEncoder", **enc.deployment_options()).bind(
@@ -49,6 +51,7 @@ def build_app(config: ServeConfig) -> Application:
             max_batch_size=stage.max_batch_size,
             mode=stage.mode,
             max_replicas=stage.autoscaling.max_replicas,
+            cpu_offload=stage.cpu_offload,
         )
     ingress = config.ingress
     return Ingress.options(

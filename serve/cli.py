@@ -26,6 +26,7 @@ import typing
 
 from stages.errors import CheckpointError, InvalidParameter, StageFailure
 from stages.families import DEFAULT_FAMILY, get_family
+from stages.family import TEXT_TO_IMAGE
 from stages.params import RequestParams
 
 
@@ -39,10 +40,15 @@ def _flag_type(annotation) -> tuple[type, list | None]:
     return annotation, None
 
 
-def _generation_flags(parser: argparse.ArgumentParser, params: type[RequestParams]) -> None:
+def _generation_flags(parser: argparse.ArgumentParser, kinds: list[type[RequestParams]]) -> None:
     """One flag per field of the family's request parameters (`stage1_steps` -> --stage1-steps), with the
-    field's description and default: declared once, in the family."""
-    for name, info in params.model_fields.items():
+    field's description and default (text-to-image's; an edit's own fields, e.g. strengths, with the
+    image-to-image default): declared once, in the family."""
+    fields = {}
+    for params in kinds:
+        for name, info in params.model_fields.items():
+            fields.setdefault(name, info)
+    for name, info in fields.items():
         kind, choices = _flag_type(info.annotation)
         default = "" if info.default is None else f" (default {info.default})"
         parser.add_argument(
@@ -80,11 +86,15 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
     ck.add_argument("--out", type=Path, required=True, help=f"folder that receives {folders}")
     ck.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ck.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ck.add_argument("--safety-checker", action="store_true", help="also write the family's safety modules")
 
     gen = sub.add_parser("generate", help="generate one image in-process (no Ray)")
     family_flag(gen)
     gen.add_argument("--checkpoints", type=Path, required=True, help=f"folder with {folders}")
-    _generation_flags(gen, family.params)
+    _generation_flags(gen, [kind.params for kind in family.kinds])
+    gen.add_argument("--image", type=Path, help="edit this picture (image-to-image; inpainting with --mask)")
+    gen.add_argument("--mask", type=Path, help="inpaint where this mask is white (or transparent)")
+    gen.add_argument("--safety-checker", action="store_true", help="pass the final image through the safety checker")
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--save-stages", action="store_true", help="also write each stage's image next to --out")
     gen.add_argument("--device", default="cpu")
@@ -192,28 +202,50 @@ def _checkpoints(args) -> int:
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     start = time.perf_counter()
     family = get_family(args.family)
-    paths = write_checkpoints(family, args.preset, args.out, seed=args.seed, dtype=dtype, progress=print)
+    paths = write_checkpoints(
+        family, args.preset, args.out, seed=args.seed, dtype=dtype, progress=print, safety_checker=args.safety_checker
+    )
     for folder, path in paths.items():
         print(f"{folder}: {path}")
     print(f"wrote the {args.preset} preset in {time.perf_counter() - start:.1f} s")
     return 0
 
 
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InvalidParameter(flag, f"cannot read {path}: {err.strerror}") from None
+
+
 def _generate(args) -> int:
     import torch
 
     from stages.cascade import Cascade
+    from stages.pictures import read_edit
 
     family = get_family(args.family)
-    fields = {name: getattr(args, name) for name in family.params.model_fields if getattr(args, name) is not None}
-    params = family.params.parse(**fields)
+    edit = None
+    kind = family.kind(TEXT_TO_IMAGE)
+    if args.image is not None:
+        kind = family.edit_for(mask=args.mask is not None)
+        edit = read_edit(_read(args.image, "--image"), _read(args.mask, "--mask") if args.mask else None)
+    elif args.mask is not None:
+        raise InvalidParameter("--mask", "needs --image, the picture to inpaint")
+    given = {name for kind_ in family.kinds for name in kind_.params.model_fields if getattr(args, name) is not None}
+    foreign = sorted(given - set(kind.params.model_fields))
+    if foreign:
+        raise InvalidParameter(foreign[0], f"is not a {kind.name} parameter")
+    params = kind.params.parse(**{name: getattr(args, name) for name in given})
     if args.out.suffix.lower() != ".png":
         raise InvalidParameter("--out", f"must be a .png file, got {args.out}")
     torch.set_num_threads(max(1, args.threads))
 
     start = time.perf_counter()
     needed = tuple(spec.name for spec in family.stages_for(params.size))
-    cascade = Cascade.from_checkpoints(args.checkpoints, family=family, device=args.device, stages=needed)
+    cascade = Cascade.from_checkpoints(
+        args.checkpoints, family=family, device=args.device, stages=needed, safety_checker=args.safety_checker
+    )
     print(f"loaded {args.checkpoints} in {time.perf_counter() - start:.1f} s")
     mark = [time.perf_counter()]
 
@@ -222,12 +254,14 @@ def _generate(args) -> int:
         print(f"{stage}: {now - mark[0]:.2f} s")
         mark[0] = now
 
-    [result] = cascade.generate_many([params], on_stage_done=report)
+    [result] = cascade.generate_many([params], on_stage_done=report, edits=[edit])
     if result.error is not None:
         raise result.error
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(args.out)
     print(f"wrote {args.out} ({params.size}x{params.size})")
+    if result.nsfw_detected or result.watermark_detected:
+        print("the safety checker flagged the image: it is black")
     if args.save_stages:
         for size, picture in result.images.items():
             path = args.out.with_name(f"{args.out.stem}-{size}.png")

@@ -1,12 +1,14 @@
 """The serving config: one YAML file, validated by this schema, says which model and checkpoints,
 which pool each stage runs on, and each stage's batching, queue limits and autoscaling.
 
-    model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant}
+    model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant, safety_checker,
+               text_encoder_8bit}
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...]}
-    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes}
+    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes,
+               max_upload_bytes, max_image_pixels}
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
-    stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, autoscaling, ...}, ...}
+    stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
 
 Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`).
 """
@@ -103,6 +105,8 @@ class EncoderConfig(BatchingReplica):
 
 class StageConfig(BatchingReplica):
     mode: Literal["step", "request"] = "step"  # step-level (continuous) or request-level batching
+    # The stage's models stay in CPU memory and move to the GPU only while they run (needs a GPU).
+    cpu_offload: bool = False
 
 
 class IngressConfig(_Strict):
@@ -112,6 +116,8 @@ class IngressConfig(_Strict):
     max_queued_requests: int = Field(256, ge=-1)
     image_dir: str = "out/images"  # where `response_format: url` images are written and served from
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is refused with 413
+    max_upload_bytes: int = Field(16 << 20, ge=1024)  # ... and a larger edit upload (image + mask + fields)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an uploaded picture with more is refused (400)
 
 
 class ModelConfig(_Strict):
@@ -124,6 +130,11 @@ class ModelConfig(_Strict):
     variant: str | None = None  # e.g. "fp16" weight files
     # Each request's image equals what it would be alone, whatever shared its batches (stages/batch_invariance.py).
     batch_invariant: bool = True
+    # Final images pass the family's safety checker and watermark (IF's, from IF-I's folder); a flagged
+    # image is blacked out and the response says so.
+    safety_checker: bool = False
+    # T5 in 8-bit (bitsandbytes, CUDA only), as the seed's code does for GPUs with less memory.
+    text_encoder_8bit: bool = False
 
     @field_validator("family")
     @classmethod
@@ -194,6 +205,12 @@ class ServeConfig(_Strict):
             raise ValueError(f"stages: {self.model.family} has no stage {unknown[0]!r}; it has {', '.join(known)}")
         for name in known:  # a stage left out of the file runs with the defaults on its own pool
             self.stages.setdefault(name, StageConfig(pool=f"pool_{name}"))
+        on_cpu = self.model.device == "cpu"
+        if on_cpu and self.model.text_encoder_8bit:
+            raise ValueError("model.text_encoder_8bit: 8-bit T5 needs bitsandbytes and a CUDA GPU (model.device)")
+        for name, stage in self.stages.items():
+            if stage.cpu_offload and (on_cpu or not stage.num_gpus):
+                raise ValueError(f"stages.{name}.cpu_offload: needs a GPU (model.device cuda and num_gpus > 0)")
         declared = self.cluster.resources
         if declared:
             for where, replica in [("encoder", self.encoder), *((f"stages.{n}", c) for n, c in self.stages.items())]:

@@ -8,8 +8,10 @@ the same loop over `EncoderEngine`, behind an LRU cache of embeddings.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -21,8 +23,10 @@ from serve.metrics import EncoderMetrics, StageMetrics
 from serve.orchestrator import StageResult
 from stages.encoding import EncoderEngine, EncodeRequest
 from stages.families import get_family
+from stages.family import TEXT_TO_IMAGE
 from stages.scheduler import StageScheduler
 from stages.stage_loop import StageLoop
+from stages.task import EditImages
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,6 +52,15 @@ def _load_options(model: dict) -> dict:
         variant=model["variant"],
         batch_invariant=model["batch_invariant"],
     )
+
+
+def _encoder_options(model: dict) -> dict:
+    return {**_load_options(model), **({"text_encoder_8bit": True} if model.get("text_encoder_8bit") else {})}
+
+
+def _stage_options(model: dict, cpu_offload: bool) -> dict:
+    extra = {"safety_checker": True} if model.get("safety_checker") else {}
+    return {**_load_options(model), **extra, **({"cpu_offload": True} if cpu_offload else {})}
 
 
 class _LoopReplica:
@@ -86,7 +99,7 @@ class TextEncoder(_LoopReplica):
     ):
         self.threads, self.replica = configure_replica()
         family = get_family(model["family"])
-        encoder = family.load_encoder_from(model["checkpoints"], **_load_options(model))
+        encoder = family.load_encoder_from(model["checkpoints"], **_encoder_options(model))
         self.metrics = EncoderMetrics()
         self.loop = StageLoop(
             EncoderEngine(encoder),
@@ -133,11 +146,22 @@ class Stage(_LoopReplica):
     """One denoising stage of the family (which one: `stage`); new requests join the running batch at
     the next step."""
 
-    def __init__(self, *, model: dict, stage: str, max_batch_size: int = 8, mode: str = "step", max_replicas: int = 1):
+    def __init__(
+        self,
+        *,
+        model: dict,
+        stage: str,
+        max_batch_size: int = 8,
+        mode: str = "step",
+        max_replicas: int = 1,
+        cpu_offload: bool = False,
+    ):
         self.threads, self.replica = configure_replica()
         self.family = get_family(model["family"])
         self.spec = self.family.stage(stage)
-        self.engine = self.family.load_stage(stage, model["checkpoints"], **_load_options(model))
+        self.engine = self.family.load_stage(stage, model["checkpoints"], **_stage_options(model, cpu_offload))
+        # Final pictures go through the safety checker here, beside the step loop's thread, never in it.
+        self.presenter = ThreadPoolExecutor(1, thread_name_prefix=f"{stage}-present")
         self.loop = StageLoop(
             self.engine,
             StageScheduler(max_batch_size, mode),
@@ -147,17 +171,29 @@ class Stage(_LoopReplica):
         ).start()
 
     async def run(
-        self, request_id: str, params: dict, embeddings: Any = None, previous: StageResult | None = None
+        self,
+        request_id: str,
+        params: dict,
+        embeddings: Any = None,
+        previous: StageResult | None = None,
+        kind: str = TEXT_TO_IMAGE,
+        edit: EditImages | None = None,
+        final: bool = False,
     ) -> StageResult:
         request = self.family.stage_request(
             self.spec,
             request_id,
-            self.family.params.model_validate(params),
+            self.family.kind(kind).params.model_validate(params),
             embeddings=embeddings,
             previous=previous.output if previous else None,
+            edit=edit,
         )
         output, record = await self.loop.run(request_id, request)
-        return StageResult(output, [*(previous.records if previous else []), record])
+        presented = None
+        if final and self.engine.safety is not None:
+            loop = asyncio.get_running_loop()
+            presented = await loop.run_in_executor(self.presenter, self.engine.present, output.image)
+        return StageResult(output, [*(previous.records if previous else []), record], presented)
 
     def stats(self) -> dict:
         return {**super().stats(), "unet_calls": getattr(self.engine, "unet_calls", 0)}

@@ -1,10 +1,13 @@
 """The HTTP API (FastAPI), built in the ingress replica for its family and config.
 
-Routes: POST /v1/images/generations, GET /v1/images/files/{name}, GET /v1/models[/{id}] behind one API-key
-dependency; GET /healthz and GET /readyz open for probes; /openapi.json and /docs (FastAPI's own).
+Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files/{name},
+GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /readyz open for probes;
+/openapi.json and /docs (FastAPI's own).
 
-- Auth is checked before the body is read: the generation route declares no body parameter and reads
-  the body itself, after the dependency, with a size limit (413 past `ingress.max_body_bytes`).
+- Auth is checked before the body is read: the image routes declare no body parameter and read the
+  body themselves, after the dependency, with a size limit (413 past `ingress.max_body_bytes`, or
+  `ingress.max_upload_bytes` for an edit's multipart upload).
+- An edit's pictures are read and checked here (stages/pictures.py) before any stage sees them.
 - Every failure reaches the client in OpenAI's error shape, and no traceback, actor id or address goes
   into any response (`failure` decides what a client is told).
 - Every response, 500s included, is counted in `ifserve_requests_total` by route template and status.
@@ -24,26 +27,34 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from serve.config import ServeConfig
 from serve.metrics import request_metrics
 from serve.openai_api import (
     RETRY_AFTER_S,
+    ImageEditRequestBase,
+    ImageRequestBase,
     error_body,
     error_response,
+    final_png,
     image_event,
     image_item,
     image_request_model,
     images_response,
+    parse_form_request,
     parse_image_request,
-    png,
     retry_later,
+    safety_fields,
 )
-from serve.orchestrator import Orchestrator, Overloaded, StageResult
+from serve.orchestrator import Orchestrator, Overloaded, StageResult, shared
 from stages.errors import InvalidParameter, StageFailure
 from stages.family import StageSpec
 from stages.params import RequestParams
+from stages.pictures import read_edit
+from stages.task import EditImages
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,15 @@ def build_http_app(
     """`ready()` gives the running replicas of every deployment of the graph."""
     family = config.family
     request_model = image_request_model(family.params)
+    # One request model per edit kind (their defaults differ): ImageEditRequest, ImageEditMaskRequest.
+    edit_models = {
+        kind.name: image_request_model(
+            kind.params, "ImageEditMaskRequest" if kind.mask else "ImageEditRequest", ImageEditRequestBase
+        )
+        for kind in family.edit_kinds
+    }
+    max_upload = config.ingress.max_upload_bytes
+    max_pixels = config.ingress.max_image_pixels
     limits = family.checkpoint_limits(config.checkpoint_root())
     image_dir = Path(config.ingress.image_dir).expanduser().resolve()
     max_body = config.ingress.max_body_bytes
@@ -173,26 +193,70 @@ def build_http_app(
         return card
 
     # ---- images -------------------------------------------------------------------------------------
-    async def read_body(request: Request) -> bytes:
-        too_large = ApiError(413, f"body: larger than {max_body} bytes", param="body", code="body_too_large")
-        if int(request.headers.get("content-length") or 0) > max_body:
+    async def read_body(request: Request, limit: int = max_body) -> bytes:
+        too_large = ApiError(413, f"body: larger than {limit} bytes", param="body", code="body_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
             raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > max_body:
+            if len(body) > limit:
                 raise too_large
         return bytes(body)
 
-    @api.post(
-        "/v1/images/generations",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImageGenerationRequest"}}},
-            }
-        },
-    )
+    async def read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
+        """The multipart form's fields and files (by name, `image[]` as `image`), within the upload limit."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise InvalidParameter("body", "must be multipart/form-data, with the picture as the `image` file")
+        request._body = await read_body(request, max_upload)  # Starlette's form() parses the cached body
+        try:
+            form = await request.form(max_files=4, max_fields=128, max_part_size=max_body)
+        except MultiPartException as err:
+            raise InvalidParameter("body", f"not a valid multipart form: {err.message}") from None
+        fields: dict[str, str] = {}
+        files: dict[str, list[bytes]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.setdefault(name.removesuffix("[]"), []).append(await value.read())
+            else:
+                fields[name] = value
+        await form.close()
+        return fields, files
+
+    def one_file(files: dict[str, list[bytes]], name: str, required: bool) -> bytes | None:
+        found = files.pop(name, [])
+        if len(found) > 1:
+            raise InvalidParameter(name, f"one file, not {len(found)}")
+        if required and not found:
+            raise InvalidParameter(name, "is required: the picture to edit, as a file")
+        return found[0] if found else None
+
+    async def answer(request: Request, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str):
+        request_id = uuid.uuid4().hex
+        if body.stream:
+            events = stream_events(orchestrator, request_id, images, edit, prefix)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            results = await orchestrator.images(request_id, images, edit)
+        except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape
+            raise failure(err) from None
+        data = []
+        for i, (params, result) in enumerate(zip(images, results, strict=True)):
+            picture = await asyncio.to_thread(final_png, result)
+            flags = safety_fields(result)
+            if body.response_format == "url":
+                url = save_image(image_dir, f"{request_id}-{i}.png", picture, request)
+                data.append(image_item(params.seed, result.timings(), url=url, **flags))
+            else:
+                data.append(image_item(params.seed, result.timings(), picture, **flags))
+        return images_response(request_id, model_id, data)
+
+    def schema(name: str, media: str) -> dict:
+        return {
+            "requestBody": {"required": True, "content": {media: {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+        }
+
+    @api.post("/v1/images/generations", openapi_extra=schema("ImageGenerationRequest", "application/json"))
     async def generations(request: Request):
         try:
             body = parse_image_request(request_model, await read_body(request))
@@ -201,23 +265,26 @@ def build_http_app(
             family.check_params(images[0], limits)
         except InvalidParameter as err:
             raise failure(err) from None
-        request_id = uuid.uuid4().hex
-        if body.stream:
-            events = stream_events(orchestrator, request_id, images)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await answer(request, body, images, None, "image_generation")
+
+    @api.post("/v1/images/edits", openapi_extra=schema("ImageEditRequest", "multipart/form-data"))
+    async def edits(request: Request):
+        """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields."""
         try:
-            results = await orchestrator.images(request_id, images)
-        except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape
+            fields, files = await read_form(request)
+            image = one_file(files, "image", required=True)
+            mask = one_file(files, "mask", required=False)
+            if files:
+                raise InvalidParameter(sorted(files)[0], "is not a file this endpoint takes (image, mask)")
+            kind = family.edit_for(mask=mask is not None)
+            body = parse_form_request(edit_models[kind.name], fields)
+            check_model(body.model)
+            images = body.generation_params()
+            family.check_params(images[0], limits)
+            edit: EditImages = await asyncio.to_thread(read_edit, image, mask, max_pixels=max_pixels)
+        except InvalidParameter as err:
             raise failure(err) from None
-        data = []
-        for i, (params, result) in enumerate(zip(images, results, strict=True)):
-            picture = await asyncio.to_thread(png, result.output.image)
-            if body.response_format == "url":
-                url = save_image(image_dir, f"{request_id}-{i}.png", picture, request)
-                data.append(image_item(params.seed, result.timings(), url=url))
-            else:
-                data.append(image_item(params.seed, result.timings(), picture))
-        return images_response(request_id, model_id, data)
+        return await answer(request, body, images, edit, "image_edit")
 
     @api.get("/v1/images/files/{name}")
     async def image_file(name: str):
@@ -233,10 +300,11 @@ def build_http_app(
             from fastapi.openapi.utils import get_openapi
 
             schema = get_openapi(title=app.title, version="0.1.0", summary=app.summary, routes=app.routes)
-            definitions = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(definitions.pop("$defs", {}))
-            components["ImageGenerationRequest"] = definitions
+            for model in (request_model, *edit_models.values()):
+                definitions = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(definitions.pop("$defs", {}))
+                components[model.__name__] = definitions
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -252,18 +320,27 @@ def save_image(image_dir: Path, name: str, picture: bytes, request: Request) -> 
     return str(request.url_for("image_file", name=name))
 
 
-async def stream_events(orchestrator: Orchestrator, request_id: str, images: list[RequestParams]) -> AsyncIterator[str]:
+async def stream_events(
+    orchestrator: Orchestrator,
+    request_id: str,
+    images: list[RequestParams],
+    edit: EditImages | None = None,
+    prefix: str = "image_generation",
+) -> AsyncIterator[str]:
     """Server-sent events in the shape of OpenAI's image streaming: `image_generation.partial_image` for
-    each finished stage before the last (with `stage`), then `image_generation.completed`, then `[DONE]`.
-    A failure is sent as an `{"error": ...}` event and ends the stream; the other images are cancelled."""
+    each finished stage before the last (with `stage`), then `image_generation.completed`, then `[DONE]`
+    (`image_edit.*` for edits). A failure is sent as an `{"error": ...}` event and ends the stream; the
+    other images are cancelled."""
     queue: asyncio.Queue = asyncio.Queue()
+    edit = shared(edit)
 
     async def one(index: int, params: RequestParams) -> None:
         partial = 0
 
         async def event(kind: str, result: StageResult, **extra) -> dict:
-            picture = await asyncio.to_thread(png, result.output.image)
-            return image_event(kind, index, params.seed, picture, result.output.image.shape[-1], **extra)
+            picture = await asyncio.to_thread(final_png, result)
+            size = result.output.image.shape[-1]
+            return image_event(kind, index, params.seed, picture, size, prefix, **extra)
 
         async def on_stage(spec: StageSpec, result: StageResult) -> None:
             nonlocal partial
@@ -271,8 +348,8 @@ async def stream_events(orchestrator: Orchestrator, request_id: str, images: lis
             partial += 1
 
         try:
-            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage)
-            await queue.put(await event("completed", result, stages=result.timings()))
+            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage, edit)
+            await queue.put(await event("completed", result, stages=result.timings(), **safety_fields(result)))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - sent to the client as an error event

@@ -55,14 +55,41 @@ class ImageRequestBase(BaseModel):
         """One RequestParams per image: image i uses seed + i. Raises InvalidParameter."""
         names = set(self.PARAMS.model_fields) - set(OPENAI_FIELDS)
         fields = {k: v for k, v in self.model_dump(include=names).items() if v is not None}
+        fields.update(self.shorthands(fields))
         fields["prompt"] = self.prompt
         fields["size"] = int(self.size.partition("x")[0])
         fields["seed"] = seed = self.seed if self.seed is not None else secrets.randbelow(2**31)
         first = self.PARAMS.parse(**fields)
         return [first.model_copy(update={"seed": seed + i}) for i in range(self.n)]
 
+    def shorthands(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
-def image_request_model(params: type[RequestParams]) -> type[ImageRequestBase]:
+
+class ImageEditRequestBase(ImageRequestBase):
+    """`POST /v1/images/edits`: the generation fields (sent as multipart form fields, beside the `image`
+    and `mask` files), OpenAI's edit-only fields, and `strength`, shorthand for `stage1_strength`."""
+
+    input_fidelity: str | None = None  # accepted; no effect on this model
+    output_compression: int | None = None
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None, description="how much of the picture the first stage redraws (its `<stage>_strength`)"
+    )
+
+    def shorthands(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if self.strength is None:
+            return {}
+        first = next((f for f in self.PARAMS.model_fields if f.endswith("_strength")), None)
+        if first is None:
+            raise InvalidParameter("strength", "this model's edits take no strength")
+        if first in fields:
+            raise InvalidParameter("strength", f"give strength or {first}, not both")
+        return {first: self.strength}
+
+
+def image_request_model(
+    params: type[RequestParams], title: str = "ImageGenerationRequest", base: type[ImageRequestBase] = ImageRequestBase
+) -> type[ImageRequestBase]:
     """The request model for a family: OpenAI's fields, `size` as the family's "WxH" sizes, and each
     family field, optional, with its bounds and description (unset: the family's default)."""
     sizes = tuple(f"{s}x{s}" for s in params.model_fields["size"].annotation.__args__)
@@ -70,7 +97,7 @@ def image_request_model(params: type[RequestParams]) -> type[ImageRequestBase]:
     for name, info in params.model_fields.items():
         if name not in OPENAI_FIELDS:
             fields[name] = (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
-    model = create_model("ImageGenerationRequest", __base__=ImageRequestBase, **fields)
+    model = create_model(title, __base__=base, **fields)
     model.PARAMS = params
     return model
 
@@ -84,6 +111,14 @@ def parse_image_request(model: type[ImageRequestBase], body: bytes) -> ImageRequ
             raise InvalidParameter("body", f"not valid JSON: {first.get('ctx', {}).get('error', '')}") from None
         if first["type"] == "model_type":
             raise InvalidParameter("body", "must be a JSON object") from None
+        raise invalid_parameter(err) from None
+
+
+def parse_form_request(model: type[ImageRequestBase], fields: dict[str, str]) -> ImageRequestBase:
+    """A multipart request's form fields (all strings: "2", "true", "0.5" convert as JSON's would)."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as err:
         raise invalid_parameter(err) from None
 
 
@@ -116,8 +151,22 @@ def png(image) -> bytes:
     return png_bytes(to_pil(image))
 
 
-def image_item(seed: int, stages: list[dict], picture: bytes | None = None, url: str | None = None) -> dict:
-    item: dict[str, Any] = {"revised_prompt": None, "seed": seed, "stages": stages}
+def final_png(result) -> bytes:
+    """A stage result's final picture: as the safety checker left it, when it ran."""
+    return png_bytes(result.presented.picture) if result.presented is not None else png(result.output.image)
+
+
+def safety_fields(result) -> dict[str, bool]:
+    """`nsfw_detected` and `watermark_detected` (diffusers' names) when the safety checker ran: a flagged
+    image is black."""
+    presented = result.presented
+    if presented is None:
+        return {}
+    return {"nsfw_detected": presented.nsfw_detected, "watermark_detected": presented.watermark_detected}
+
+
+def image_item(seed: int, stages: list[dict], picture: bytes | None = None, url: str | None = None, **extra) -> dict:
+    item: dict[str, Any] = {"revised_prompt": None, "seed": seed, "stages": stages, **extra}
     if url is not None:
         item["url"] = url
     else:
@@ -129,10 +178,13 @@ def images_response(request_id: str, model: str, data: list[dict]) -> dict:
     return {"created": int(time.time()), "model": model, "id": request_id, "data": data}
 
 
-def image_event(kind: str, index: int, seed: int, picture: bytes, size: int, **extra) -> dict:
-    """One streaming event, shaped like OpenAI's `image_generation.partial_image` / `.completed`."""
+def image_event(
+    kind: str, index: int, seed: int, picture: bytes, size: int, prefix="image_generation", **extra
+) -> dict:
+    """One streaming event, shaped like OpenAI's `image_generation.partial_image` / `.completed` (with
+    `prefix="image_edit"`, its `image_edit.*` events)."""
     return {
-        "type": f"image_generation.{kind}",
+        "type": f"{prefix}.{kind}",
         "index": index,
         "seed": seed,
         "b64_json": base64.b64encode(picture).decode(),

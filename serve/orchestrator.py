@@ -31,7 +31,7 @@ from stages.family import ModelFamily, StageSpec
 from stages.graph import walk
 from stages.params import RequestParams
 from stages.stage_loop import StageRecord
-from stages.task import StageOutput
+from stages.task import EditImages, Presented, StageOutput
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class StageResult:
 
     output: StageOutput
     records: list[StageRecord] = field(default_factory=list)
+    presented: Presented | None = None  # the final picture, when the stage ran the safety checker on it
 
     def timings(self) -> list[dict]:
         return [asdict(record) for record in self.records]
@@ -110,11 +111,20 @@ class Orchestrator:
         self.stages = stages
         self.watcher = ReadyWatcher()
 
-    async def image(self, request_id: str, params: RequestParams, on_stage: OnStage | None = None) -> StageResult:
-        """One image through the stages its size needs; `on_stage` gets each stage's result but the last."""
+    async def image(
+        self,
+        request_id: str,
+        params: RequestParams,
+        on_stage: OnStage | None = None,
+        edit: EditImages | ray.ObjectRef | None = None,
+    ) -> StageResult:
+        """One image through the stages its size needs; `on_stage` gets each stage's result but the last.
+        An edit's pictures (`edit`, or a ref to them) go to the stages that take them."""
         responses: list[DeploymentResponse] = []
         current = ["text_encoder"]  # the stage being called or awaited, for errors
         fields = params.model_dump()  # plain data crosses to the replicas; they validate it again
+        kind = self.family.kind_of(params).name
+        last = self.family.stages_for(params.size)[-1].name
 
         async def encode(params: RequestParams) -> DeploymentResponse:
             response = self.encoder.encode.remote(params.prompt, params.negative_prompt)
@@ -123,7 +133,15 @@ class Orchestrator:
 
         async def run_stage(spec: StageSpec, params: RequestParams, embeddings, previous) -> ray.ObjectRef:
             current[0] = spec.name
-            response = self.stages[spec.name].run.remote(request_id, fields, embeddings=embeddings, previous=previous)
+            response = self.stages[spec.name].run.remote(
+                request_id,
+                fields,
+                embeddings=embeddings,
+                previous=previous,
+                kind=kind,
+                edit=edit if spec.edits else None,
+                final=spec.name == last,
+            )
             responses.append(response)
             ref = await response._to_object_ref()  # raises BackPressureError when the stage sheds
             await self.watcher.wait(ref)
@@ -143,9 +161,12 @@ class Orchestrator:
             for response in responses:
                 _cancel(response)
 
-    async def images(self, request_id: str, images: list[RequestParams]) -> list[StageResult]:
+    async def images(
+        self, request_id: str, images: list[RequestParams], edit: EditImages | None = None
+    ) -> list[StageResult]:
         """All images of a request together; the first failure cancels the others and is raised."""
-        tasks = [asyncio.create_task(self.image(f"{request_id}-{i}", p)) for i, p in enumerate(images)]
+        edit = shared(edit)
+        tasks = [asyncio.create_task(self.image(f"{request_id}-{i}", p, edit=edit)) for i, p in enumerate(images)]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
@@ -155,6 +176,11 @@ class Orchestrator:
         finally:
             for task in tasks:
                 task.cancel()
+
+
+def shared(edit: EditImages | None) -> ray.ObjectRef | None:
+    """An edit's pictures in the object store once, however many images and stages read them."""
+    return None if edit is None else ray.put(edit)
 
 
 def _cancel(response: DeploymentResponse) -> None:

@@ -31,7 +31,7 @@ from stages.images import to_pil
 from stages.params import RequestParams
 from stages.scheduler import Mode, StageScheduler
 from stages.stage_loop import StageLoop
-from stages.task import StageOutput
+from stages.task import EditImages, StageOutput
 
 
 @dataclass
@@ -40,6 +40,9 @@ class CascadeResult:
     images: dict[int, PIL.Image.Image] = field(default_factory=dict)  # by size, e.g. 64, 256, 1024
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)  # same, (1, 3, H, W) in [-1, 1]
     error: Exception | None = None  # why this request failed (InvalidParameter, StageFailure), if it did
+    # What the safety checker said of the final image (None: the cascade runs without one).
+    nsfw_detected: bool | None = None
+    watermark_detected: bool | None = None
 
     @property
     def image(self) -> PIL.Image.Image:
@@ -64,18 +67,22 @@ class Cascade:
         torch_dtype: torch.dtype | None = None,
         stages: tuple[str, ...] | None = None,
         batch_invariant: bool = True,
+        safety_checker: bool = False,
     ) -> Cascade:
-        """Load the text encoder and `stages` (default: all of the family's) from `root`."""
+        """Load the text encoder and `stages` (default: all of the family's) from `root`; with
+        `safety_checker`, final images pass the family's safety checker and watermark."""
         family = get_family(family) if isinstance(family, str) else family
         names = stages or tuple(s.name for s in family.stages)
         kw = dict(device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant)
         family.checkpoint_folders(root, [family.encoder_folder, *(family.stage(n).folder for n in names)])
         encoder = family.load_encoder_from(root, **kw)
-        return cls(family, encoder, {name: family.load_stage(name, root, **kw) for name in names})
+        safety = {"safety_checker": True} if safety_checker else {}
+        return cls(family, encoder, {name: family.load_stage(name, root, **kw, **safety) for name in names})
 
-    def params(self, **fields: Any) -> RequestParams:
-        """The family's request parameters; raises InvalidParameter naming the first bad field."""
-        return self.family.params.parse(**fields)
+    def params(self, kind: str = "text-to-image", **fields: Any) -> RequestParams:
+        """The family's request parameters for a kind of task (text-to-image, or an edit kind such as
+        image-to-image and inpainting); raises InvalidParameter naming the first bad field."""
+        return self.family.kind(kind).params.parse(**fields)
 
     def set_batch_invariant(self, on: bool) -> None:
         """Batch invariance for the text encoder and every stage (stages/batch_invariance.py)."""
@@ -83,9 +90,9 @@ class Cascade:
         for stage in self.stages.values():
             stage.batch_invariant = on
 
-    def generate(self, params: RequestParams) -> CascadeResult:
-        """One image; raises what made it fail."""
-        result = self.generate_many([params])[0]
+    def generate(self, params: RequestParams, edit: EditImages | None = None) -> CascadeResult:
+        """One image (an edit of `edit`'s picture for an edit kind's params); raises what made it fail."""
+        result = self.generate_many([params], edits=[edit])[0]
         if result.error is not None:
             raise result.error
         return result
@@ -97,17 +104,22 @@ class Cascade:
         mode: Mode = "step",
         max_batch_size: int = 8,
         on_stage_done: Callable[[str], None] = lambda stage: None,
+        edits: list[EditImages | None] | None = None,
     ) -> list[CascadeResult]:
-        """Every request through the cascade, sharing batched steps; failed ones carry their `error`."""
-        return asyncio.run(self._generate_many(requests, mode, max_batch_size, on_stage_done))
+        """Every request through the cascade, sharing batched steps; failed ones carry their `error`.
+        `edits[i]` is what request i edits (None for text-to-image)."""
+        edits = edits or [None] * len(requests)
+        if len(edits) != len(requests):
+            raise InvalidParameter("edits", f"one per request: {len(edits)} for {len(requests)} requests")
+        return asyncio.run(self._generate_many(requests, edits, mode, max_batch_size, on_stage_done))
 
-    async def _generate_many(self, requests, mode, max_batch_size, on_stage_done) -> list[CascadeResult]:
+    async def _generate_many(self, requests, edits, mode, max_batch_size, on_stage_done) -> list[CascadeResult]:
         encoder = StageLoop(EncoderEngine(self.text_encoder), StageScheduler(max_batch_size))
         loops = {name: StageLoop(engine, StageScheduler(max_batch_size, mode)) for name, engine in self.stages.items()}
         drivers = [asyncio.create_task(_drive(loop)) for loop in (encoder, *loops.values())]
         results = [CascadeResult(p) for p in requests]
 
-        async def one(index: int, result: CascadeResult) -> None:
+        async def one(index: int, result: CascadeResult, edit: EditImages | None) -> None:
             request_id = str(index)
 
             async def encode(params: RequestParams) -> Any:
@@ -117,10 +129,18 @@ class Cascade:
             async def run_stage(spec: StageSpec, params: RequestParams, embeddings, previous) -> StageOutput:
                 if spec.name not in loops:
                     raise InvalidParameter("size", f"this cascade was loaded without {spec.name}")
-                request = self.family.stage_request(spec, request_id, params, embeddings=embeddings, previous=previous)
+                request = self.family.stage_request(
+                    spec, request_id, params, embeddings=embeddings, previous=previous, edit=edit
+                )
                 output, _ = await loops[spec.name].run(request_id, request)
                 result.tensors[spec.output_size] = output.image
-                result.images[spec.output_size] = to_pil(output.image)
+                if spec.output_size == params.size:  # the final image, as a client gets it
+                    presented = self.stages[spec.name].present(output.image)
+                    result.images[spec.output_size] = presented.picture
+                    result.nsfw_detected = presented.nsfw_detected
+                    result.watermark_detected = presented.watermark_detected
+                else:
+                    result.images[spec.output_size] = to_pil(output.image)
                 on_stage_done(spec.name)
                 return output
 
@@ -130,7 +150,7 @@ class Cascade:
                 result.error = err
 
         try:
-            await asyncio.gather(*(one(i, r) for i, r in enumerate(results)))
+            await asyncio.gather(*(one(i, r, e) for i, (r, e) in enumerate(zip(results, edits, strict=True))))
         finally:
             for driver in drivers:
                 driver.cancel()

@@ -26,8 +26,10 @@ def write_checkpoints(
     dtype: torch.dtype = torch.float32,
     variant: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    safety_checker: bool = False,
 ) -> dict[str, Path]:
-    """Write every pipeline folder of `family` under `out`; returns their paths by folder name."""
+    """Write every pipeline folder of `family` under `out`; returns their paths by folder name.
+    `safety_checker` adds the family's safety modules (a family without them refuses it)."""
     if family.write_pipelines is None or preset not in family.presets:
         known = ", ".join(family.presets) or "none"
         raise ValueError(f"preset: {family.name} has no preset {preset!r}; it has {known}")
@@ -35,7 +37,8 @@ def write_checkpoints(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(dir=out, prefix=".writing-") as tmp:
-        family.write_pipelines(preset, Path(tmp), dtype=dtype, variant=variant, progress=progress)
+        extra = {"safety_checker": True} if safety_checker else {}
+        family.write_pipelines(preset, Path(tmp), dtype=dtype, variant=variant, progress=progress, **extra)
         final = {}
         for folder in family.folders:
             final[folder] = out / folder

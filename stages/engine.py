@@ -26,14 +26,16 @@ import copy
 import math
 from abc import ABC, abstractmethod
 
+import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from stages.batch_invariance import row_groups
 from stages.errors import InvalidParameter
+from stages.images import to_pil
 from stages.params import MAX_STEPS
-from stages.task import StageOutput, StageRequest, Task
+from stages.task import Presented, StageOutput, StageRequest, Task
 
 
 class DenoisingStage(ABC):
@@ -44,9 +46,12 @@ class DenoisingStage(ABC):
         self.pipe = pipe
         self.batch_invariant = batch_invariant
         self.unet = pipe.unet
-        self.device = pipe.unet.device
+        self.device = pipe._execution_device  # the GPU under model CPU offload, else where the UNet is
         self.dtype = pipe.unet.dtype
         self.unet_calls = 0
+        # Final pictures pass through this (a family's safety checker and watermark), when one is set.
+        self.safety = None
+        self.watermark_size: int | None = None  # what the family's pipelines pass to the watermarker
 
     # ---- per-stage hooks -------------------------------------------------------------------
     @abstractmethod
@@ -63,6 +68,13 @@ class DenoisingStage(ABC):
 
     def finish(self, task: Task) -> StageOutput:
         return StageOutput(task.request_id, task.sample, task.generator.get_state(), task.step_index)
+
+    def present(self, image: torch.Tensor) -> Presented:
+        """A final image of this stage as the picture a client gets: through the safety checker and
+        watermark when the stage has them. Runs beside the step loop, never inside a step."""
+        if self.safety is None:
+            return Presented(to_pil(image))
+        return self.safety.present(image, self.watermark_size)
 
     # ---- the batched step ------------------------------------------------------------------
     @torch.inference_mode()
@@ -81,7 +93,10 @@ class DenoisingStage(ABC):
         """One scheduler step of one task, in the reference's order, on its own scheduler and generator."""
         extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
         step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
-        task.sample = step[0]
+        if task.mask is None:
+            task.sample = step[0]
+        else:  # inpainting: outside the mask x_t stays what it was (diffusers' inpainting pipelines)
+            task.sample = (1 - task.mask) * task.sample + task.mask * step[0]
         task.step_index += 1
 
     def step(self, tasks: list[Task]) -> None:
@@ -178,6 +193,64 @@ class DenoisingStage(ABC):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         return scheduler
+
+    def _timesteps(self, scheduler, request: StageRequest) -> torch.Tensor:
+        """The timesteps the task runs: all of them, or with a `strength` the last `int(n * strength)`
+        (diffusers' `get_timesteps` in its image-to-image and inpainting pipelines)."""
+        if request.strength is None:
+            return scheduler.timesteps
+        n = len(scheduler.timesteps) // scheduler.order
+        kept = min(int(n * request.strength), n)
+        if kept < 1:
+            raise InvalidParameter(
+                self._param("strength"), f"{request.strength} of {n} steps leaves no step to run; raise either"
+            )
+        start = (n - kept) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
+
+    def _start(
+        self,
+        scheduler,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        image: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The task's first sample, drawing from its generator as the reference does: pure noise
+        (text-to-image), or `image` noised to the first timestep (image-to-image), kept as it is outside
+        `mask` (inpainting)."""
+        if image is None:
+            return self._noise(shape, generator, dtype) * scheduler.init_noise_sigma
+        # diffusers' preprocessing leaves the picture channels-last in memory and its pipelines copy it to
+        # contiguous (repeat_interleave per image); the UNet's kernels differ in the last bits between them.
+        image = image.contiguous()
+        noised = scheduler.add_noise(image, self._noise(image.shape, generator, dtype), timesteps[:1])
+        return noised if mask is None else (1 - mask) * image + mask * noised
+
+    def _check_edit(self, request: StageRequest) -> None:
+        """An edit's inputs: a square picture, a mask of its size, a strength in (0, 1] that needs them."""
+        image, mask, strength = request.init_image, request.mask, request.strength
+        if image is None:
+            if mask is not None or strength is not None:
+                raise InvalidParameter("image", f"{self.name}: a mask or strength needs the image to edit")
+            return
+        if not isinstance(image, PIL.Image.Image):
+            raise InvalidParameter("image", f"{self.name} expects a picture, got {type(image).__name__}")
+        if image.width != image.height:
+            raise InvalidParameter("image", f"must be square, got {image.width}x{image.height}")
+        if mask is not None:
+            if not isinstance(mask, PIL.Image.Image):
+                raise InvalidParameter("mask", f"{self.name} expects a picture, got {type(mask).__name__}")
+            if mask.size != image.size:
+                raise InvalidParameter(
+                    "mask", f"is {mask.width}x{mask.height}, the image {image.width}x{image.height}: they must match"
+                )
+        if strength is None or not isinstance(strength, int | float) or not 0 < strength <= 1:
+            raise InvalidParameter(self._param("strength"), f"must be in (0, 1] for an edit, got {strength!r}")
 
     def _noise(self, shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
         """Gaussian noise from the task's generator (CPU), as diffusers' `randn_tensor` draws it."""

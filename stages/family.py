@@ -16,7 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from stages.errors import CheckpointError, InvalidParameter
 from stages.params import RequestParams
-from stages.task import StageOutput, StageRequest
+from stages.task import EditImages, StageOutput, StageRequest
+
+TEXT_TO_IMAGE = "text-to-image"
 
 
 @runtime_checkable
@@ -53,6 +55,18 @@ class StageSpec:
     uses_embeddings: bool  # consumes the family's shared text embeddings (else it is given the prompt)
     # (path, *, name, device, torch_dtype, variant, batch_invariant) -> the stage's engine
     load: Callable[..., StepEngine]
+    edits: bool = False  # an edit's picture and mask go to this stage (its tasks start from them)
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a request asks a family to do, with its own request model (an edit kind's defaults are its
+    diffusers pipelines' defaults, e.g. a strength per stage)."""
+
+    name: str  # "text-to-image", "image-to-image", "inpainting"
+    params: type[RequestParams]
+    image: bool = False  # starts from a given picture
+    mask: bool = False  # ... and repaints it only where a mask says so
 
 
 def _no_limits(root: Path) -> dict[str, float]:
@@ -74,6 +88,34 @@ class ModelFamily:
     checkpoint_limits: Callable[[Path], dict[str, float]] = _no_limits
     # Request fields for a quick look on a CPU (`ifserve demo`), e.g. fewer steps than the defaults.
     quick_params: dict[str, Any] = field(default_factory=dict)
+    edit_kinds: tuple[TaskKind, ...] = ()  # what it does besides text-to-image (`params`)
+
+    @property
+    def kinds(self) -> tuple[TaskKind, ...]:
+        return (TaskKind(TEXT_TO_IMAGE, self.params), *self.edit_kinds)
+
+    def kind(self, name: str) -> TaskKind:
+        for kind in self.kinds:
+            if kind.name == name:
+                return kind
+        raise InvalidParameter(
+            "kind", f"{self.name} does not do {name}; it does {', '.join(k.name for k in self.kinds)}"
+        )
+
+    def kind_of(self, params: RequestParams) -> TaskKind:
+        for kind in self.kinds:
+            if type(params) is kind.params:
+                return kind
+        raise InvalidParameter("params", f"{type(params).__name__} is not a request model of {self.name}")
+
+    def edit_for(self, *, mask: bool) -> TaskKind:
+        """The edit kind for a picture with or without a mask."""
+        for kind in self.edit_kinds:
+            if kind.image and kind.mask == mask:
+                return kind
+        raise InvalidParameter(
+            "mask" if mask else "image", f"{self.name} has no {'inpainting' if mask else 'image-to-image'}"
+        )
 
     @property
     def folders(self) -> tuple[str, ...]:
@@ -112,12 +154,21 @@ class ModelFamily:
         *,
         embeddings: Any = None,
         previous: StageOutput | None = None,
+        edit: EditImages | None = None,
         **inputs: Any,
     ) -> StageRequest:
         """The work order of `params` for one stage. The first stage starts the generator from the seed;
-        later ones take the previous stage's image and continue its generator. `inputs` (image,
-        generator_state, seed, ...) override what `previous` gives, e.g. to feed a reference image."""
+        later ones take the previous stage's image and continue its generator. An edit's picture and mask
+        go to the stages that take them (`StageSpec.edits`). `inputs` (image, generator_state, seed, ...)
+        override what `previous` gives, e.g. to feed a reference image."""
+        kind = self.kind_of(params)
         fields: dict[str, Any] = dict(params.stage(spec.name).work_order(), seed=params.seed)
+        if spec.edits and kind.image:
+            if edit is None or (kind.mask and edit.mask is None):
+                raise InvalidParameter("mask" if edit is not None else "image", f"{kind.name} needs it")
+            fields.update(init_image=edit.image, mask=edit.mask if kind.mask else None)
+        elif spec.edits and edit is not None:
+            raise InvalidParameter("image", f"{kind.name} takes no image")
         if spec.uses_embeddings:
             fields["embeddings"] = embeddings
         else:  # the stage encodes the prompt with its own text encoder (IF's x4 upscaler: CLIP)

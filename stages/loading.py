@@ -51,17 +51,48 @@ def load_pipeline(
     variant: str | None = None,
     device: str | torch.device = "cpu",
     param: str = "checkpoint",
+    cpu_offload: bool = False,
+    components: dict | None = None,
 ) -> DiffusionPipeline:
-    """Load the pipeline in `location`, leaving out the components in `exclude` (set to None)."""
+    """Load the pipeline in `location`, leaving out the components in `exclude` (set to None) and using
+    the given `components` instead of loading them. With `cpu_offload` its models stay in CPU memory and
+    each moves to the GPU `device` only while it runs (diffusers' model CPU offload)."""
+    if cpu_offload and torch.device(device).type == "cpu":
+        raise CheckpointError(f"{param}: cpu_offload needs a GPU device, not {device}")
     path = resolve_checkpoint(location, param)
     found = pipeline_class(path)
     if found not in expect:
         raise CheckpointError(f"{param}: {path} holds a {found}; expected {' or '.join(expect)}")
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            path, local_files_only=True, torch_dtype=torch_dtype, variant=variant, **dict.fromkeys(exclude)
+            path,
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            **dict.fromkeys(exclude),
+            **(components or {}),
         )
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for broken folders
         raise CheckpointError(f"{param}: cannot load {found} from {path}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
+
+
+def load_8bit_text_encoder(path: Path, cls, *, param: str = "model.text_encoder_8bit"):
+    """A transformers text encoder from `path` in 8-bit (bitsandbytes, on the GPU), as the seed's code
+    loads T5 for smaller GPUs; a clear error where bitsandbytes or a CUDA GPU is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise CheckpointError(f"{param}: 8-bit loading needs bitsandbytes and a CUDA GPU; this machine lacks one")
+    from transformers import BitsAndBytesConfig
+
+    try:
+        return cls.from_pretrained(
+            path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", local_files_only=True
+        )
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{param}: cannot load {path} in 8-bit: {err}") from err

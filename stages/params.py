@@ -23,6 +23,7 @@ MAX_PROMPT_CHARS = 2000
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 NoiseLevel = Annotated[int, Field(ge=0, lt=1000)]
+Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 def invalid_parameter(err: ValidationError, prefix: str = "") -> InvalidParameter:
@@ -51,6 +52,7 @@ class StageParams(BaseModel):
             guidance_scale=self.guidance,
             timesteps=None if name is None else list(self.TIMESTEP_LISTS[name]),
             noise_level=getattr(self, "noise_level", None),
+            strength=getattr(self, "strength", None),
         )
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import PIL.Image
 import torch
 from diffusers import SchedulerMixin
 
@@ -20,6 +21,15 @@ class TextEmbeddings:
 
     prompt_embeds: torch.Tensor
     negative_embeds: torch.Tensor
+
+
+@dataclass
+class EditImages:
+    """What an edit starts from: the picture (RGB, square) and, for inpainting, the mask (8-bit grey, the
+    picture's size; white is repainted, black kept: diffusers' convention)."""
+
+    image: PIL.Image.Image
+    mask: PIL.Image.Image | None = None
 
 
 @dataclass
@@ -35,6 +45,11 @@ class StageRequest:
     image: torch.Tensor | None = None  # the previous stage's output, (1, 3, h, w)
     seed: int | None = None  # the request's seed: starts the generator when there is no state ...
     generator_state: torch.Tensor | None = None  # ... the previous stage's generator, continued
+    # Image-to-image and inpainting: the stage starts from `init_image` noised to the timestep `strength`
+    # picks, instead of from noise; with a `mask` it keeps the picture where the mask is black.
+    strength: float | None = None
+    init_image: PIL.Image.Image | None = None
+    mask: PIL.Image.Image | None = None
 
 
 @dataclass(eq=False)  # identity semantics: tasks hold tensors
@@ -48,6 +63,7 @@ class Task:
     uncond: torch.Tensor | None  # ... of the negative prompt; None when guidance is off
     image_cond: torch.Tensor | None = None  # concatenated to the UNet input (noised low-res image)
     class_label: torch.Tensor | None = None  # noise level fed as the UNet's class label
+    mask: torch.Tensor | None = None  # inpainting: 1 where the step's result is kept, 0 where x_t stays
     step_index: int = 0
 
     @property
@@ -65,6 +81,15 @@ class Task:
     @property
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.step_index]
+
+
+@dataclass
+class Presented:
+    """A final picture, and what a safety checker said of it (None: no checker ran)."""
+
+    picture: PIL.Image.Image
+    nsfw_detected: bool | None = None
+    watermark_detected: bool | None = None
 
 
 @dataclass

@@ -19,6 +19,17 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def safety_checkpoints(tmp_path_factory):
+    """The tiny preset with IF's safety checker, feature extractor and watermarker in IF-I."""
+    from stages.checkpoints import write_checkpoints
+    from stages.families import DEEPFLOYD_IF
+
+    root = tmp_path_factory.mktemp("checkpoints") / "tiny-safety"
+    write_checkpoints(DEEPFLOYD_IF, "tiny", root, safety_checker=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def reference_pipes(tiny_checkpoints):
     from tests.reference import load_reference
 

@@ -10,7 +10,13 @@ read from what was set on it; everything else takes these defaults.
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    DiffusionPipeline,
+    IFImg2ImgPipeline,
+    IFImg2ImgSuperResolutionPipeline,
+    IFInpaintingPipeline,
+    IFInpaintingSuperResolutionPipeline,
+)
 from diffusers.pipelines.deepfloyd_if import timesteps as if_timesteps
 
 REFERENCE_DEFAULTS = {
@@ -28,6 +34,18 @@ REFERENCE_DEFAULTS = {
     "stage3_guidance": 9.0,
     "stage3_noise_level": 100,
 }
+# Edits: the seed's image-to-image and inpainting code calls these pipelines with their own defaults.
+EDIT_DEFAULTS = {
+    "image-to-image": {
+        **REFERENCE_DEFAULTS,
+        **{"stage1_steps": 80, "stage1_guidance": 10.0, "stage1_strength": 0.7, "stage2_strength": 0.8},
+    },
+    "inpainting": {
+        **REFERENCE_DEFAULTS,
+        **{"stage1_steps": 50, "stage1_guidance": 7.0, "stage1_strength": 1.0},
+        **{"stage2_steps": 100, "stage2_noise_level": 0, "stage2_strength": 0.8},
+    },
+}
 
 
 def load_reference(root) -> tuple[DiffusionPipeline, DiffusionPipeline, DiffusionPipeline]:
@@ -43,22 +61,42 @@ def _timesteps(name: str | None) -> list[int] | None:
     return None if name is None else list(getattr(if_timesteps, f"{name}_timesteps"))
 
 
-def request_fields(params) -> dict:
+def request_fields(params, defaults: dict = REFERENCE_DEFAULTS) -> dict:
     """The fields set on a request (a pydantic model or a mapping), over the reference's defaults."""
     fields = params if isinstance(params, dict) else {k: getattr(params, k) for k in params.model_fields_set}
-    return {**REFERENCE_DEFAULTS, **fields}
+    return {**defaults, **fields}
 
 
 @torch.no_grad()
-def reference_cascade(pipes, params) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def reference_cascade(pipes, params, image=None, mask=None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Images by size as (1, 3, H, W) tensors in [-1, 1], and the generator state after each stage;
-    one generator goes through all three stages, as in the seed's code."""
-    p = request_fields(params)
+    one generator goes through all three stages, as in the seed's code. With a picture (`image`, PIL)
+    it is the seed's image-to-image code; with a `mask` as well, its inpainting code."""
     stage_1, stage_2, stage_3 = pipes
+    edit: dict = {}
+    if image is None:
+        p = request_fields(params)
+    elif mask is None:
+        p = request_fields(params, EDIT_DEFAULTS["image-to-image"])
+        stage_1, stage_2 = (
+            IFImg2ImgPipeline(**stage_1.components),
+            IFImg2ImgSuperResolutionPipeline(**stage_2.components),
+        )
+        edit = {"stage1": dict(image=image), "stage2": dict(original_image=image)}
+    else:
+        p = request_fields(params, EDIT_DEFAULTS["inpainting"])
+        stage_1 = IFInpaintingPipeline(**stage_1.components)
+        stage_2 = IFInpaintingSuperResolutionPipeline(**stage_2.components)
+        edit = {"stage1": dict(image=image, mask_image=mask), "stage2": dict(original_image=image, mask_image=mask)}
+    for name in edit:
+        edit[name]["strength"] = p[f"{name}_strength"]
+    for pipe in (stage_1, stage_2):
+        pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(p["seed"])
     prompt_embeds, negative_embeds = stage_1.encode_prompt(p["prompt"], negative_prompt=p["negative_prompt"])
     out, states = {}, {}
     out[64] = stage_1(
+        **edit.get("stage1", {}),
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
         generator=generator,
@@ -70,6 +108,7 @@ def reference_cascade(pipes, params) -> tuple[dict[int, torch.Tensor], dict[int,
     states[64] = generator.get_state()
     if p["size"] >= 256:
         out[256] = stage_2(
+            **edit.get("stage2", {}),
             image=out[64],
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import ray_serve_config
+from serve.app import build_app, ray_serve_config
 from serve.config import hash_key, load_config, parse_config
 from stages.errors import InvalidParameter
 from tests.serving import ROOT
@@ -100,3 +100,35 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and "--config: cannot read" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "override,param",
+    [
+        ({"model": {"text_encoder_8bit": True}}, "model.text_encoder_8bit"),
+        ({"stages": {"stage3": {"cpu_offload": True}}}, "stages.stage3.cpu_offload"),
+        ({"model": {"device": "cuda"}, "stages": {"stage2": {"cpu_offload": True}}}, "stages.stage2.cpu_offload"),
+    ],
+)
+def test_memory_options_that_need_a_gpu_are_refused_on_cpu_naming_the_key(override, param):
+    """8-bit T5 and model CPU offload are GPU options (the seed's, for smaller GPUs): a CPU config asking
+    for them is refused at load, naming the key, rather than failing in a replica."""
+    data = {"model": {"id": "m", "checkpoints": "ck"}}
+    for key, value in override.items():
+        data[key] = {**data.get(key, {}), **value}
+    with pytest.raises(InvalidParameter) as err:
+        parse_config(data)
+    assert err.value.param == param
+
+
+def test_memory_and_safety_options_reach_the_deployments():
+    config = parse_config(
+        {
+            "model": {"id": "m", "checkpoints": "ck", "device": "cuda", "variant": "fp16", "safety_checker": True},
+            "stages": {"stage3": {"num_gpus": 1, "cpu_offload": True}},
+        }
+    )
+    stages = build_app(config)._bound_deployment.init_args[2]  # Ingress.bind(config, encoder, stages)
+    stage2, stage3 = (stages[name]._bound_deployment.init_kwargs for name in ("stage2", "stage3"))
+    assert stage3["cpu_offload"] is True and stage2["cpu_offload"] is False
+    assert stage3["model"]["safety_checker"] is True and stage3["model"]["variant"] == "fp16"

@@ -13,15 +13,18 @@ from pathlib import Path
 
 from diffusers.pipelines.deepfloyd_if import timesteps as _if_timesteps
 from pydantic import Field
+from transformers import T5EncoderModel
 
 from stages.families.deepfloyd_if.checkpoints import FOLDERS, write_pipelines
 from stages.families.deepfloyd_if.pixel_stages import StageI, StageII
 from stages.families.deepfloyd_if.presets import PRESETS
+from stages.families.deepfloyd_if.safety import COMPONENTS as SAFETY
+from stages.families.deepfloyd_if.safety import SafetyFilter
 from stages.families.deepfloyd_if.text_encoder import T5TextEncoder
 from stages.families.deepfloyd_if.upscaler import StageIII
-from stages.family import ModelFamily, StageSpec
-from stages.loading import load_pipeline
-from stages.params import Guidance, NoiseLevel, StageParams, Steps, request_params
+from stages.family import ModelFamily, StageSpec, TaskKind
+from stages.loading import load_8bit_text_encoder, load_pipeline
+from stages.params import Guidance, NoiseLevel, StageParams, Steps, Strength, request_params
 
 # Named timestep lists shipped with diffusers (fast27, smart50, super100, ...).
 TIMESTEP_LISTS: dict[str, list[int]] = {
@@ -63,25 +66,85 @@ GenerationParams = request_params(
 )
 
 
-def load_text_encoder(path, *, batch_invariant: bool = True, **kw) -> T5TextEncoder:
-    """T5 from the stage I folder (its UNet left out)."""
-    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("unet",), param="text_encoder", **kw)
+# Edits: the defaults of diffusers' IFImg2Img*/IFInpainting* pipelines' calls, which the seed's reference
+# code uses; stage III is the same x4 upscaler call as for text-to-image.
+class Img2ImgStageIParams(StageIParams):
+    steps: Steps = Field(80, description="stage I denoising steps (before strength)")
+    guidance: Guidance = Field(10.0, description="stage I guidance scale")
+    strength: Strength = Field(0.7, description="stage I: how much of the picture is redrawn, (0, 1]")
+
+
+class Img2ImgStageIIParams(StageIIParams):
+    strength: Strength = Field(0.8, description="stage II: how much of the picture is redrawn, (0, 1]")
+
+
+class InpaintStageIParams(StageIParams):
+    steps: Steps = Field(50, description="stage I denoising steps (before strength)")
+    guidance: Guidance = Field(7.0, description="stage I guidance scale")
+    strength: Strength = Field(1.0, description="stage I: how much of the masked area is redrawn, (0, 1]")
+
+
+class InpaintStageIIParams(StageIIParams):
+    steps: Steps = Field(100, description="stage II denoising steps (before strength)")
+    noise_level: NoiseLevel = Field(0, description="stage II noise added to the 64 px image, [0, 1000)")
+    strength: Strength = Field(0.8, description="stage II: how much of the masked area is redrawn, (0, 1]")
+
+
+Img2ImgParams = request_params(
+    "Img2ImgParams",
+    {"stage1": Img2ImgStageIParams, "stage2": Img2ImgStageIIParams, "stage3": StageIIIParams},
+    sizes=(64, 256, 1024),
+    module=__name__,
+)
+InpaintParams = request_params(
+    "InpaintParams",
+    {"stage1": InpaintStageIParams, "stage2": InpaintStageIIParams, "stage3": StageIIIParams},
+    sizes=(64, 256, 1024),
+    module=__name__,
+)
+
+
+def load_text_encoder(
+    path, *, batch_invariant: bool = True, safety_checker: bool = False, text_encoder_8bit: bool = False, **kw
+) -> T5TextEncoder:
+    """T5 from the stage I folder (its UNet left out); in 8-bit with `text_encoder_8bit` (bitsandbytes)."""
+    given = (
+        {"text_encoder": load_8bit_text_encoder(Path(path) / "text_encoder", T5EncoderModel)}
+        if text_encoder_8bit
+        else {}
+    )
+    if given:
+        kw["device"] = "cpu"  # the 8-bit model is placed already; the rest of the pipeline holds no weights
+    pipe = load_pipeline(
+        path, expect=("IFPipeline",), exclude=("unet", *SAFETY), param="text_encoder", components=given, **kw
+    )
     return T5TextEncoder(pipe, batch_invariant)
 
 
-def load_stage1(path, *, name: str = "stage1", batch_invariant: bool = True, **kw) -> StageI:
-    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder",), param=name, **kw)
-    return StageI(pipe, batch_invariant, name)
+def _with_safety(stage, path, safety_checker: bool, kw: dict):
+    """With `safety_checker`, the stage's final pictures pass IF's checker and watermark, which the seed's
+    code takes from stage I's pipeline for every stage (safety.py)."""
+    if safety_checker:
+        folder = Path(path).parent / FOLDERS["stage1"]
+        stage.safety = SafetyFilter.load(folder, torch_dtype=kw.get("torch_dtype"), device=kw.get("device", "cpu"))
+    return stage
 
 
-def load_stage2(path, *, name: str = "stage2", batch_invariant: bool = True, **kw) -> StageII:
-    pipe = load_pipeline(path, expect=("IFSuperResolutionPipeline",), exclude=("text_encoder",), param=name, **kw)
-    return StageII(pipe, batch_invariant, name)
+def load_stage1(path, *, name: str = "stage1", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder", *SAFETY), param=name, **kw)
+    return _with_safety(StageI(pipe, batch_invariant, name), path, safety_checker, kw)
 
 
-def load_stage3(path, *, name: str = "stage3", batch_invariant: bool = True, **kw) -> StageIII:
-    pipe = load_pipeline(path, expect=("StableDiffusionUpscalePipeline",), param=name, **kw)
-    return StageIII(pipe, batch_invariant, name)
+def load_stage2(path, *, name: str = "stage2", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+    expect = ("IFSuperResolutionPipeline",)
+    pipe = load_pipeline(path, expect=expect, exclude=("text_encoder", *SAFETY), param=name, **kw)
+    return _with_safety(StageII(pipe, batch_invariant, name), path, safety_checker, kw)
+
+
+def load_stage3(path, *, name: str = "stage3", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+    expect = ("StableDiffusionUpscalePipeline",)
+    pipe = load_pipeline(path, expect=expect, exclude=SAFETY, param=name, **kw)
+    return _with_safety(StageIII(pipe, batch_invariant, name), path, safety_checker, kw)
 
 
 def _limits(root: Path) -> dict[str, float]:
@@ -97,8 +160,8 @@ DEEPFLOYD_IF = ModelFamily(
     encoder_folder=FOLDERS["stage1"],
     load_encoder=load_text_encoder,
     stages=(
-        StageSpec("stage1", "StageI", FOLDERS["stage1"], 64, uses_embeddings=True, load=load_stage1),
-        StageSpec("stage2", "StageII", FOLDERS["stage2"], 256, uses_embeddings=True, load=load_stage2),
+        StageSpec("stage1", "StageI", FOLDERS["stage1"], 64, uses_embeddings=True, load=load_stage1, edits=True),
+        StageSpec("stage2", "StageII", FOLDERS["stage2"], 256, uses_embeddings=True, load=load_stage2, edits=True),
         StageSpec("stage3", "StageIII", FOLDERS["stage3"], 1024, uses_embeddings=False, load=load_stage3),
     ),
     params=GenerationParams,
@@ -107,6 +170,10 @@ DEEPFLOYD_IF = ModelFamily(
     checkpoint_limits=_limits,
     # IF's own 27-step list for stage I, 10 steps for stages II and III.
     quick_params={"stage1_timesteps": "fast27", "stage2_steps": 10, "stage3_steps": 10},
+    edit_kinds=(
+        TaskKind("image-to-image", Img2ImgParams, image=True),
+        TaskKind("inpainting", InpaintParams, image=True, mask=True),
+    ),
 )
 
-__all__ = ["DEEPFLOYD_IF", "GenerationParams", "TIMESTEP_LISTS"]
+__all__ = ["DEEPFLOYD_IF", "GenerationParams", "Img2ImgParams", "InpaintParams", "TIMESTEP_LISTS"]

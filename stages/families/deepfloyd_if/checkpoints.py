@@ -1,6 +1,8 @@
 """Write an IF preset as three diffusers-format pipeline folders with random weights:
 
-    DIR/IF-I          IFPipeline                       (T5 text encoder, tokenizer, UNet, scheduler)
+    DIR/IF-I          IFPipeline                       (T5 text encoder, tokenizer, UNet, scheduler, and with
+                                                        `safety_checker=True` IF's safety checker, feature
+                                                        extractor and watermarker)
     DIR/IF-II         IFSuperResolutionPipeline        (tokenizer, UNet, schedulers; no text encoder)
     DIR/x4-upscaler   StableDiffusionUpscalePipeline   (CLIP text encoder, tokenizer, UNet, VAE, schedulers)
 
@@ -24,7 +26,8 @@ from diffusers import (
     StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from stages.families.deepfloyd_if.presets import Preset, get_preset
 from stages.tokenizers import train_clip_tokenizer, train_t5_tokenizer
@@ -58,6 +61,36 @@ def build_clip_text_encoder(preset: Preset, vocab_size: int | None = None) -> CL
     return CLIPTextModel(CLIPTextConfig(**cfg))
 
 
+SAFETY_COMPONENTS = ("safety_checker", "feature_extractor", "watermarker")
+SAFETY_SEED = 1234  # the safety modules draw from their own generator: the other weights stay as they were
+NEVER_FLAGS = -10.0  # the checker heads' bias: a random checker that flags nothing (tests raise it)
+
+
+def build_safety_modules() -> dict:
+    """IF's safety checker (a CLIP vision tower with an NSFW head and a watermark head), its feature
+    extractor and its watermarker, tiny and random, in diffusers' layout, for every preset (the released
+    checker's configuration is not among the reference configs). The watermark is a visible ring."""
+    with torch.random.fork_rng():
+        torch.manual_seed(SAFETY_SEED)
+        tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        config = CLIPConfig(
+            text_config=dict(tower, vocab_size=128),
+            vision_config=dict(tower, image_size=32, patch_size=8, projection_dim=16),
+            projection_dim=16,
+        )
+        checker = IFSafetyChecker(config)
+        for head in (checker.p_head, checker.w_head):
+            head.bias.data.fill_(NEVER_FLAGS)
+    extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    watermarker = IFWatermarker()
+    ring = torch.zeros(62, 62, 4)
+    ring[4:58, 4:58, :3] = 255.0
+    ring[4:58, 4:58, 3] = 255.0
+    ring[12:50, 12:50, 3] = 0.0
+    watermarker.watermark_image.copy_(ring)
+    return {"safety_checker": checker, "feature_extractor": extractor, "watermarker": watermarker}
+
+
 def _vocab(preset: Preset, component: str, tokenizer) -> int | None:
     # `full` keeps the released embedding tables; smaller presets size them to the trained tokenizer.
     return None if preset.name == "full" else len(tokenizer)
@@ -81,16 +114,22 @@ def write_pipelines(
     dtype: torch.dtype = torch.float32,
     variant: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    safety_checker: bool = False,
 ) -> None:
     """Write the three pipeline folders into `out` (a scratch folder: `stages.checkpoints` moves them
-    into place once all are written). Weights come from torch's global generator, seeded by the caller."""
+    into place once all are written). Weights come from torch's global generator, seeded by the caller.
+    `safety_checker` adds IF's safety modules to IF-I. They are opt-in because stock
+    `DiffusionPipeline.from_pretrained` cannot load IF's checker with transformers 5 (safety.py says
+    why); this project's loader can."""
     preset = get_preset(preset_name)
     save = dict(safe_serialization=True, variant=variant)
     paths = {stage: out / folder for stage, folder in FOLDERS.items()}
-    _write_pipelines(preset, paths, out, save, dtype, progress)
+    _write_pipelines(preset, paths, out, save, dtype, progress, safety_checker)
 
 
-def _write_pipelines(preset: Preset, paths: dict[str, Path], tmp: Path, save: dict, dtype, progress) -> None:
+def _write_pipelines(
+    preset: Preset, paths: dict[str, Path], tmp: Path, save: dict, dtype, progress, safety_checker: bool
+) -> None:
     t5_dir, clip_dir = tmp / "tokenizer-t5", tmp / "tokenizer-clip"
     t5_tokenizer = train_t5_tokenizer(t5_dir, preset.t5_pieces)
     clip_tokenizer = train_clip_tokenizer(clip_dir, preset.clip_merges)
@@ -101,10 +140,8 @@ def _write_pipelines(preset: Preset, paths: dict[str, Path], tmp: Path, save: di
         text_encoder=build_text_encoder(preset, _vocab(preset, "t5", t5_tokenizer)),
         unet=build_unet(preset, "stage1"),
         scheduler=_scheduler(DDPMScheduler, preset.config("stage1_scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        watermarker=None,
-        requires_safety_checker=False,
+        **(build_safety_modules() if safety_checker else dict.fromkeys(SAFETY_COMPONENTS)),
+        requires_safety_checker=safety_checker,
     )
     _cast(stage1, dtype).save_pretrained(paths["stage1"], **save)
     _keep_tokenizer_sources(t5_dir, paths["stage1"], ("spiece.model",))

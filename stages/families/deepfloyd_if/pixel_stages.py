@@ -3,12 +3,18 @@
 Each reproduces the body of diffusers' `IFPipeline` / `IFSuperResolutionPipeline` denoising loop for one
 task, with the pipeline's own components: same noise draws in the same order from the task's
 generator, same guidance on the epsilon channels with the text row's learned variance.
+
+A task may also be an edit: image-to-image (`IFImg2ImgPipeline`, `IFImg2ImgSuperResolutionPipeline`)
+starts from the given picture noised to the timestep its strength picks; inpainting (`IFInpainting*`)
+also keeps the picture outside its mask at every step. Only how a task starts and how its step blends
+differ (stages/engine.py), so edits share batched steps with text-to-image tasks.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, IFInpaintingPipeline
 
 from stages.engine import DenoisingStage
 from stages.errors import InvalidParameter
@@ -16,6 +22,10 @@ from stages.task import StageRequest, Task, TextEmbeddings
 
 
 class IFPixelStage(DenoisingStage):
+    def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage"):
+        super().__init__(pipe, batch_invariant, name)
+        self.watermark_size = self.unet.config.sample_size  # as IF's pipelines call the watermarker
+
     @property
     def embed_dim(self) -> int:
         config = self.unet.config
@@ -56,6 +66,19 @@ class IFPixelStage(DenoisingStage):
             noise_pred, _ = noise_pred.split(channels, dim=1)
         return noise_pred
 
+    def _edit(self, request: StageRequest, preprocess, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """An edit's picture and mask as tensors at this stage's size, by diffusers' own preprocessing
+        (bicubic resize, [-1, 1]; the mask thresholded at 0.5). Those methods read nothing of their
+        pipeline but its UNet's sample size, so they run on this stage's pipeline as it is."""
+        self._check_edit(request)
+        if request.init_image is None:
+            return None, None
+        image = preprocess(self.pipe, request.init_image).to(self.device, dtype)
+        mask = None
+        if request.mask is not None:
+            mask = IFInpaintingPipeline.preprocess_mask_image(self.pipe, request.mask).to(self.device, dtype)
+        return image, mask
+
 
 class StageI(IFPixelStage):
     """Text embeddings -> 64x64 image (IFPipeline)."""
@@ -66,11 +89,13 @@ class StageI(IFPixelStage):
         for request in requests:
             self._validate_common(request)
             cond, uncond = self._embeddings(request)
+            start, mask = self._edit(request, IFImg2ImgPipeline.preprocess_image, cond.dtype)
             generator = self._generator(request)
             scheduler = self._scheduler(request)
+            timesteps = self._timesteps(scheduler, request)
             shape = (1, self.unet.config.in_channels, size, size)
-            sample = self._noise(shape, generator, cond.dtype) * scheduler.init_noise_sigma
-            tasks.append(Task(request, generator, scheduler, scheduler.timesteps, sample, cond, uncond))
+            sample = self._start(scheduler, timesteps, generator, shape, cond.dtype, start, mask)
+            tasks.append(Task(request, generator, scheduler, timesteps, sample, cond, uncond, mask=mask))
         return tasks
 
     def _model_input(self, task: Task) -> torch.Tensor:
@@ -89,10 +114,12 @@ class StageII(IFPixelStage):
                 raise InvalidParameter(self._param("noise_level"), "is required")
             cond, uncond = self._embeddings(request)
             image = self._check_image(request)
+            start, mask = self._edit(request, IFImg2ImgSuperResolutionPipeline.preprocess_original_image, cond.dtype)
             generator = self._generator(request)
             scheduler = self._scheduler(request)
+            timesteps = self._timesteps(scheduler, request)
             channels = self.unet.config.in_channels // 2
-            sample = self._noise((1, channels, size, size), generator, cond.dtype) * scheduler.init_noise_sigma
+            sample = self._start(scheduler, timesteps, generator, (1, channels, size, size), cond.dtype, start, mask)
 
             image = self.pipe.preprocess_image(image, 1, self.device)
             upscaled = F.interpolate(image, (size, size), mode="bilinear", align_corners=True)
@@ -104,12 +131,13 @@ class StageII(IFPixelStage):
                     request,
                     generator,
                     scheduler,
-                    scheduler.timesteps,
+                    timesteps,
                     sample,
                     cond,
                     uncond,
                     image_cond=upscaled,
                     class_label=noise_level,
+                    mask=mask,
                 )
             )
         return tasks

@@ -18,7 +18,7 @@ class T5TextEncoder:
             raise ValueError("the text encoder pipeline was loaded without its text_encoder")
         self.pipe = pipe
         self.batch_invariant = batch_invariant
-        self.device = pipe.text_encoder.device
+        self.device = pipe._execution_device
 
     @property
     def embed_dim(self) -> int:
