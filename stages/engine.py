@@ -203,7 +203,8 @@ class DenoisingStage(ABC):
         kept = min(int(n * request.strength), n)
         if kept < 1:
             raise InvalidParameter(
-                self._param("strength"), f"{request.strength} of {n} steps leaves no step to run; raise either"
+                self._param("strength"),
+                f"{request.strength} of {n} steps leaves no step to run: raise the strength or the steps",
             )
         start = (n - kept) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
