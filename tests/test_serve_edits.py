@@ -6,6 +6,7 @@ them. The deployment runs IF's safety checker and watermark, so the responses ca
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -15,7 +16,7 @@ from ray import serve
 from serve import local_cluster
 from serve.app import APP_NAME
 from stages.cascade import Cascade
-from stages.families.deepfloyd_if import Img2ImgParams, InpaintParams
+from stages.families.deepfloyd_if import GenerationParams, Img2ImgParams, InpaintParams
 from stages.pictures import read_edit
 from tests.serving import REPLICA_THREADS, decode, pixels, serving_config, torch_threads
 from tests.test_edits import _png_header, alpha_mask, grey_mask, picture, png
@@ -160,3 +161,31 @@ def test_openapi_lists_the_edit_fields(server):
     )
     assert "stage2_strength" in schemas["ImageEditMaskRequest"]["properties"]
     assert "stage1_strength" not in schemas["ImageGenerationRequest"]["properties"]
+
+
+def test_an_edit_shares_stage_steps_with_a_generation(client, safe_cascade):
+    """An edit and a text-to-image request in flight together share Stage I's batched steps; each image
+    is still its own (batch invariance)."""
+    handle = serve.get_deployment_handle("StageI", app_name=APP_NAME)
+    before = handle.stats.remote().result()
+    image = png(picture(seed=5))
+    slow = dict(stage1_steps=30, stage2_steps=2, stage3_steps=2)
+    with ThreadPoolExecutor(2) as pool:
+        generation = pool.submit(
+            client.images.generate, prompt="a lighthouse", size="256x256", extra_body={"seed": 2, **slow}
+        )
+        edit = pool.submit(
+            client.images.edit,
+            image=("p.png", image, "image/png"),
+            prompt="a harbour",
+            size="256x256",
+            extra_body={"seed": 6, "strength": 1.0, **slow},
+        )
+        generated, edited = generation.result().data[0], edit.result().data[0]
+    after = handle.stats.remote().result()
+    assert after["task_steps"] - before["task_steps"] > after["steps"] - before["steps"]  # shared steps
+    with torch_threads(REPLICA_THREADS):
+        expected = safe_cascade.generate(GenerationParams(prompt="a lighthouse", seed=2, size=256, **slow)).image
+    assert (decode(generated.b64_json) == pixels(expected)).all()
+    params = Img2ImgParams(prompt="a harbour", seed=6, size=256, stage1_strength=1.0, **slow)
+    assert (decode(edited.b64_json) == in_process(safe_cascade, params, image)).all()
