@@ -25,7 +25,7 @@ import torch
 from stages.encoding import EncoderEngine, EncodeRequest
 from stages.errors import InvalidParameter
 from stages.families import DEFAULT_FAMILY, get_family
-from stages.family import ModelFamily, StageSpec, StepEngine, TextEncoder
+from stages.family import TEXT_TO_IMAGE, ModelFamily, StageSpec, StepEngine, TextEncoder
 from stages.graph import walk
 from stages.images import to_pil
 from stages.params import RequestParams
@@ -79,7 +79,7 @@ class Cascade:
         safety = {"safety_checker": True} if safety_checker else {}
         return cls(family, encoder, {name: family.load_stage(name, root, **kw, **safety) for name in names})
 
-    def params(self, kind: str = "text-to-image", **fields: Any) -> RequestParams:
+    def params(self, kind: str = TEXT_TO_IMAGE, **fields: Any) -> RequestParams:
         """The family's request parameters for a kind of task (text-to-image, or an edit kind such as
         image-to-image and inpainting); raises InvalidParameter naming the first bad field."""
         return self.family.kind(kind).params.parse(**fields)

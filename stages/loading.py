@@ -94,5 +94,5 @@ def load_8bit_text_encoder(path: Path, cls, *, param: str = "model.text_encoder_
         return cls.from_pretrained(
             path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", local_files_only=True
         )
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 - transformers and bitsandbytes raise many types
         raise CheckpointError(f"{param}: cannot load {path} in 8-bit: {err}") from err

@@ -126,7 +126,8 @@ def test_edits_share_batched_steps_with_text_to_image(cascade, references, refer
         for size in SIZES:
             assert _max_diff(result.tensors[size], reference[size]) <= TOL, (result.params.seed, size)
             assert _pixel_diff(result.tensors[size], reference[size]) <= 1, (result.params.seed, size)
-    # Stage I ran fewer UNet calls than task steps: the kinds shared calls.
+    # Stage I ran fewer UNet calls than task steps: the kinds shared calls. A task's steps are
+    # int(steps * strength) for an edit (diffusers' get_timesteps), in CASES' order after the text request.
     task_steps = 8 + 8 * 0.7 // 1 + 10 * 0.45 // 1 + 8 + 27 * 0.6 // 1
     assert stage1.unet_calls - calls_before < task_steps
 

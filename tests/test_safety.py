@@ -89,7 +89,7 @@ def test_final_pictures_equal_diffusers_with_the_safety_modules(safe_cascade, sa
     assert np.array_equal(_pixels(ours.image), _pixels(reference_1024.images[0]))
     assert reference_1024.nsfw_content_detected == [False] and ours.nsfw_detected is False
     # The watermark is there: the same request without the checker differs only in its corner.
-    plain = _pixels(Cascade.generate(cascade, params).image)  # the cascade without safety modules
+    plain = _pixels(cascade.generate(params).image)  # the session's cascade, loaded without the checker
     changed = np.argwhere(np.abs(plain - _pixels(ours.image)).max(axis=-1) > 0)
     assert len(changed) > 0 and changed.min() >= 1024 - 14 - 62 - 1
 
