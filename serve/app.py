@@ -1,6 +1,6 @@
-"""Builds the Ray Serve application from a `ServeConfig`: one deployment per node of the family's
-graph (the text encoder, then its stages), each with its own pool, batching, queue and autoscaling
-options, composed under the HTTP ingress.
+"""Builds the Ray Serve application from a `ServeConfig`: for each served model, one deployment per
+node of its family's graph (the text encoder, then its stages), each with its own pool, batching, queue
+and autoscaling options, all composed under one HTTP ingress.
 
     serve run serve.app:app_builder config=deploy/local.yaml      # Ray's own CLI
     ifserve up --config deploy/local.yaml                          # ours: also starts a local Ray
@@ -13,7 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.config import ServeConfig, load_config
+from serve.config import ModelGraph, ServeConfig, load_config, where
 from serve.deployments import Stage, TextEncoder
 from serve.ingress import Ingress
 from stages.checkpoints import write_checkpoints
@@ -22,30 +22,38 @@ from stages.errors import CheckpointError
 APP_NAME = "ifserve"
 
 
-def build_app(config: ServeConfig) -> Application:
-    family = config.family
-    model = dict(
-        family=config.model.family,  # the name replicas resolve (registered, or an import path)
-        checkpoints=str(config.checkpoint_root()),  # absolute: replicas need not share our working directory
-        device=config.model.device,
-        dtype=config.model.dtype,
-        variant=config.model.variant,
-        batch_invariant=config.model.batch_invariant,
-        safety_checker=config.model.safety_checker,
-        text_encoder_8bit=config.model.text_encoder_8bit,
+def _model_options(graph: ModelGraph) -> dict[str, Any]:
+    """What a replica needs to load its part of the model."""
+    model = graph.model
+    return dict(
+        id=model.id,
+        family=model.family,  # the name replicas resolve (registered, or an import path)
+        checkpoints=str(graph.checkpoint_root()),  # absolute: replicas need not share our working directory
+        device=model.device,
+        dtype=model.dtype,
+        variant=model.variant,
+        batch_invariant=model.batch_invariant,
+        safety_checker=model.safety_checker,
+        text_encoder_8bit=model.text_encoder_8bit,
     )
-    enc = config.encoder
-    encoder = TextEncoder.options(name="TextEncoder", **enc.deployment_options()).bind(
-        model=model,
-        max_batch_size=enc.max_batch_size,
-        batch_wait_timeout_s=enc.batch_wait_timeout_s,
-        cache_size=enc.cache_size,
-        max_replicas=enc.autoscaling.max_replicas,
-    )
-    stages = {}
-    for spec in family.stages:
-        stage = config.stages[spec.name]
-        stages[spec.name] = Stage.options(name=spec.title, **stage.deployment_options()).bind(
+
+
+def build_graph(graph: ModelGraph, names: dict[str, str]) -> dict[str, Application]:
+    """One model's deployments by node ("text_encoder", then each stage), each on its own pool."""
+    model = _model_options(graph)
+    enc = graph.encoder
+    nodes = {
+        "text_encoder": TextEncoder.options(name=names["text_encoder"], **enc.deployment_options()).bind(
+            model=model,
+            max_batch_size=enc.max_batch_size,
+            batch_wait_timeout_s=enc.batch_wait_timeout_s,
+            cache_size=enc.cache_size,
+            max_replicas=enc.autoscaling.max_replicas,
+        )
+    }
+    for spec in graph.family.stages:
+        stage = graph.stages[spec.name]
+        nodes[spec.name] = Stage.options(name=names[spec.name], **stage.deployment_options()).bind(
             model=model,
             stage=spec.name,
             max_batch_size=stage.max_batch_size,
@@ -53,6 +61,15 @@ def build_app(config: ServeConfig) -> Application:
             max_replicas=stage.autoscaling.max_replicas,
             cpu_offload=stage.cpu_offload,
         )
+    return nodes
+
+
+def build_app(config: ServeConfig) -> Application:
+    """Every model's graph under one HTTP ingress, which routes a request by its `model` field."""
+    graphs = {
+        graph.model.id: build_graph(graph, names)
+        for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
+    }
     ingress = config.ingress
     return Ingress.options(
         name="Ingress",
@@ -60,19 +77,30 @@ def build_app(config: ServeConfig) -> Application:
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(config.model_dump(mode="json"), encoder, stages)
+    ).bind(config.model_dump(mode="json"), graphs)
 
 
-def ensure_checkpoints(config: ServeConfig, progress=print) -> Path:
-    """Write the configured preset into the checkpoint folder when that folder is missing or empty."""
-    root = config.checkpoint_root()
-    if root.is_dir() and any(root.iterdir()):
-        return root
-    if config.model.preset is None:
-        raise CheckpointError(f"model.checkpoints: {root} is empty and model.preset is not set to make one")
-    progress(f"writing the {config.model.preset} checkpoints to {root} ...")
-    write_checkpoints(config.family, config.model.preset, root)
-    return root
+def ensure_checkpoints(config: ServeConfig, progress=print) -> list[Path]:
+    """Write each model's preset into its checkpoint folder where none of its family's pipeline folders
+    is there yet (models of different families may share a folder); a folder with only some of them is
+    refused rather than overwritten."""
+    roots = []
+    for index, graph in enumerate(config.graphs):
+        root, family, at = graph.checkpoint_root(), graph.family, where(index)
+        roots.append(root)
+        missing = [folder for folder in family.folders if not (root / folder).is_dir()]
+        if not missing:
+            continue
+        if len(missing) < len(family.folders):
+            raise CheckpointError(f"{at}model.checkpoints: {root} lacks {', '.join(missing)} of {family.name}")
+        if graph.model.preset is None:
+            missing_list = ", ".join(missing)
+            raise CheckpointError(
+                f"{at}model.checkpoints: {root} has no {missing_list}; set {at}model.preset to make it"
+            )
+        progress(f"writing the {graph.model.preset} checkpoints of {graph.model.id} to {root} ...")
+        write_checkpoints(family, graph.model.preset, root)
+    return roots
 
 
 def app_builder(args: dict[str, Any]) -> Application:

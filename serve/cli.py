@@ -128,7 +128,7 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
 
 def _serving_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("deploy/local.yaml"), help="serving config (YAML)")
-    parser.add_argument("--checkpoints", help="override model.checkpoints")
+    parser.add_argument("--checkpoints", help="override model.checkpoints (the first model's; `models` keep theirs)")
     parser.add_argument("--port", type=int, help="override http.port")
 
 
@@ -155,7 +155,8 @@ def _up(args) -> int:
             f"{local_cluster.SERVICE_DISCOVERY_FILE}; see monitoring/README.md)",
             flush=True,
         )
-    print(f"serving {config.model.id} at {url}  (OpenAI base URL {url}/v1, docs {url}/docs); Ctrl-C stops", flush=True)
+    models = ", ".join(graph.model.id for graph in config.graphs)
+    print(f"serving {models} at {url}  (OpenAI base URL {url}/v1, docs {url}/docs); Ctrl-C stops", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

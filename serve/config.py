@@ -1,4 +1,4 @@
-"""The serving config: one YAML file, validated by this schema, says which model and checkpoints,
+"""The serving config: one YAML file, validated by this schema, says which models and checkpoints,
 which pool each stage runs on, and each stage's batching, queue limits and autoscaling.
 
     model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant, safety_checker,
@@ -9,8 +9,10 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
                max_upload_bytes, max_image_pixels}
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
     stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
+    models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
 
-Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`).
+Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`,
+`models.0.stages.denoiser.pool`).
 """
 
 from __future__ import annotations
@@ -183,44 +185,39 @@ class AuthConfig(_Strict):
         return any(hmac.compare_digest(digest, known) for known in self.api_key_sha256)
 
 
-class ServeConfig(_Strict):
+class ModelGraph(_Strict):
+    """One model and its graph's deployments: the text encoder and one per stage of its family."""
+
     model: ModelConfig
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
-    encoder: EncoderConfig = Field(default_factory=lambda: EncoderConfig(pool="pool_text_encoder"))
+    # Left out: one replica on the pool named after the family's encoder (IF's TextEncoder: pool_text_encoder).
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     stages: dict[str, StageConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _graph_matches_family(self) -> ServeConfig:
+    def _graph_matches_family(self) -> ModelGraph:
         family = self.family
         if self.model.preset is not None and self.model.preset not in family.presets:
             raise ValueError(
                 f"model.preset: {family.name} has no preset {self.model.preset!r}; it has {', '.join(family.presets)}"
             )
+        for option in ("safety_checker", "text_encoder_8bit"):
+            if getattr(self.model, option) and family.option_error(option):
+                raise ValueError(f"model.{option}: {family.option_error(option)}")
         known = [s.name for s in family.stages]
         unknown = sorted(set(self.stages) - set(known))
         if unknown:
             raise ValueError(f"stages: {self.model.family} has no stage {unknown[0]!r}; it has {', '.join(known)}")
         for name in known:  # a stage left out of the file runs with the defaults on its own pool
             self.stages.setdefault(name, StageConfig(pool=f"pool_{name}"))
+        if "encoder" not in self.model_fields_set:  # as a stage left out: on a pool of its own
+            words = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", family.encoder_title).lower()
+            self.encoder.pool = "pool_" + re.sub(r"[^a-z0-9_]", "_", words)
         on_cpu = self.model.device == "cpu"
         if on_cpu and self.model.text_encoder_8bit:
             raise ValueError("model.text_encoder_8bit: 8-bit T5 needs bitsandbytes and a CUDA GPU (model.device)")
         for name, stage in self.stages.items():
             if stage.cpu_offload and (on_cpu or not stage.num_gpus):
                 raise ValueError(f"stages.{name}.cpu_offload: needs a GPU (model.device cuda and num_gpus > 0)")
-        declared = self.cluster.resources
-        if declared:
-            for where, replica in [("encoder", self.encoder), *((f"stages.{n}", c) for n, c in self.stages.items())]:
-                if replica.pool and replica.pool not in declared:
-                    raise ValueError(f"{where}.pool: {replica.pool} is not declared in cluster.resources")
-        if not _is_loopback(self.http.host) and not self.auth.api_key_sha256:
-            raise ValueError(
-                f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
-                "(auth.api_key_sha256 or auth.api_key_sha256_env)"
-            )
         return self
 
     @property
@@ -229,6 +226,85 @@ class ServeConfig(_Strict):
 
     def checkpoint_root(self) -> Path:
         return Path(self.model.checkpoints).expanduser().resolve()
+
+    def replicas(self) -> list[tuple[str, Replica]]:
+        """Each deployment's config with its field path: the encoder, then the stages."""
+        return [("encoder", self.encoder), *((f"stages.{name}", stage) for name, stage in self.stages.items())]
+
+    def deployment_titles(self) -> dict[str, str]:
+        """The family's names of this graph's deployments, by node: "text_encoder", then each stage."""
+        family = self.family
+        return {"text_encoder": family.encoder_title, **{spec.name: spec.title for spec in family.stages}}
+
+
+class ServeConfig(ModelGraph):
+    """The served model (`model`, `encoder`, `stages`), any further `models` beside it, and the service."""
+
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    # More models served beside `model`, each with its own deployments on its own pools; a request picks
+    # one by its `model` field (unset: the first model).
+    models: list[ModelGraph] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _service(self) -> ServeConfig:
+        graphs = self.graphs
+        seen: dict[str, int] = {}  # model id slug -> index of the model with it
+        pools: dict[str, str] = {}
+        for index, graph in enumerate(graphs):
+            at, model_id = where(index), graph.model.id
+            # Deployment and schema names carry the id's slug, so ids must differ in more than punctuation.
+            first = seen.setdefault(model_slug(model_id), index)
+            if first != index:
+                other = graphs[first].model.id
+                clash = "is already served" if other == model_id else f"would share derived names with {other!r}"
+                raise ValueError(f"{at}model.id: {model_id!r} {clash}; model ids must differ")
+            for field, replica in graph.replicas():
+                if not replica.pool:
+                    continue
+                owner = pools.setdefault(replica.pool, graph.model.id)
+                if owner != graph.model.id:
+                    raise ValueError(
+                        f"{at}{field}.pool: {replica.pool} already runs {owner}; give each model its own pools"
+                    )
+                if self.cluster.resources and replica.pool not in self.cluster.resources:
+                    raise ValueError(f"{at}{field}.pool: {replica.pool} is not declared in cluster.resources")
+        if not _is_loopback(self.http.host) and not self.auth.api_key_sha256:
+            raise ValueError(
+                f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
+                "(auth.api_key_sha256 or auth.api_key_sha256_env)"
+            )
+        return self
+
+    @property
+    def graphs(self) -> list[ModelGraph]:
+        """Every served model's graph; the first is the default model."""
+        return [self, *self.models]
+
+    def deployment_names(self) -> list[dict[str, str]]:
+        """Each graph's deployment names by node: its family's titles, unless an earlier graph took one of
+        them (the same family served twice); then all of its names start with its model id."""
+        taken: set[str] = set()
+        names = []
+        for graph in self.graphs:
+            titles = graph.deployment_titles()
+            if taken & set(titles.values()):
+                titles = {node: f"{model_slug(graph.model.id)}-{title}" for node, title in titles.items()}
+            taken |= set(titles.values())
+            names.append(titles)
+        return names
+
+
+def model_slug(model_id: str) -> str:
+    """A model id in the names derived from it (deployments, schemas): letters, digits and `_`."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", model_id)
+
+
+def where(index: int) -> str:
+    """The config path of the `index`-th served model's keys: "" for `model`, "models.0." for the next."""
+    return "" if index == 0 else f"models.{index - 1}."
 
 
 def _is_loopback(host: str) -> bool:
@@ -250,11 +326,15 @@ def parse_config(data: dict[str, Any]) -> ServeConfig:
         return ServeConfig.model_validate(data)
     except ValidationError as err:
         error = invalid_parameter(err)
-        if error.param != "request":
-            raise error from None
-        message = error.message  # a check across fields names its field at the start of the message
-        where, _, message = message.partition(": ") if ": " in message else ("config", "", message)
-        raise InvalidParameter(where, message) from None
+        # A check across fields names its field at the start of its message, relative to where it ran
+        # (the config, or one of `models`).
+        found = re.match(r"([a-z_][a-z0-9_.]*): (.*)", error.message, re.DOTALL)
+        if error.param == "request":
+            raise (InvalidParameter(*found.groups()) if found else InvalidParameter("config", error.message)) from None
+        if found:  # the field's own validator names it once more; a model's validator, a field of it
+            param = error.param if error.param.endswith(found[1]) else f"{error.param}.{found[1]}"
+            raise InvalidParameter(param, found[2]) from None
+        raise error from None
 
 
 def load_config(path: str | Path, **overrides: Any) -> ServeConfig:

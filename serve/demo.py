@@ -1,5 +1,6 @@
-"""`ifserve demo`: start the local cluster, send a few prompts at once through the HTTP API with the
-official `openai` client, save the images and a contact sheet, print per-stage timings, stop."""
+"""`ifserve demo`: start the local cluster, send a few prompts at once to every served model through the
+HTTP API with the official `openai` client, save the images and a contact sheet (per model when the
+config serves several), print per-stage timings, stop."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from serve.config import ServeConfig
+from serve.config import ServeConfig, model_slug
 from stages.images import contact_sheet
 
 PROMPTS = [
@@ -42,42 +43,53 @@ def run_demo(
     progress(f"serving at {url} ({time.perf_counter() - started:.1f} s to start)")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "not-needed-on-loopback", timeout=1800)
-        extra = dict(config.family.quick_params) if quick else {}
+        graphs = config.graphs
+        # Every served model gets the prompts, all at once: with two families both are in flight together.
+        jobs = [(graph, i) for graph in graphs for i in range(len(prompts))]
 
-        def one(i: int):
+        def side(graph) -> int:  # the asked size where the family makes it, else its largest
+            return size if size in graph.family.sizes else graph.family.sizes[-1]
+
+        def one(job):
+            graph, i = job
+            extra = dict(graph.family.quick_params) if quick else {}
             begin = time.perf_counter()
             response = client.images.generate(
-                model=config.model.id,
+                model=graph.model.id,
                 prompt=prompts[i],
-                size=f"{size}x{size}",
+                size=f"{side(graph)}x{side(graph)}",
                 response_format="b64_json",
                 extra_body={**extra, "seed": seed + i},
             )
             return response, time.perf_counter() - begin
 
-        progress(f"sending {len(prompts)} prompts at once ({size}x{size}, {'quick' if quick else 'default'} steps) ...")
+        what = ", ".join(f"{g.model.id} at {side(g)}x{side(g)}" for g in graphs)
+        progress(f"sending {len(jobs)} prompts at once ({what}; {'quick' if quick else 'default'} steps) ...")
         begin = time.perf_counter()
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            answers = list(pool.map(one, range(len(prompts))))
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(one, jobs))
         wall = time.perf_counter() - begin
 
-        out.mkdir(parents=True, exist_ok=True)
-        pictures = []
-        for i, (response, _) in enumerate(answers):
-            picture = PIL.Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json)))
-            picture.save(out / f"demo-{i}.png")
-            pictures.append(picture)
-        contact_sheet(pictures).save(out / "contact-sheet.png")
-
-        progress(f"\n{len(prompts)} images in {wall:.1f} s; saved to {out}/demo-*.png and {out}/contact-sheet.png")
-        progress("per-stage timings (queue wait + run time, and the most requests that shared a step):")
-        for i, (response, seconds) in enumerate(answers):
-            stages = response.data[0].model_extra.get("stages", [])
-            parts = [
-                f"{s['stage']} {s['queue_seconds']:.2f}+{s['run_seconds']:.2f} s (batch<={s['max_batch']})"
-                for s in stages
-            ]
-            progress(f"  [{i}] {seconds:6.1f} s  " + ", ".join(parts) + f"  {prompts[i][:40]!r}")
+        progress(f"\n{len(jobs)} images in {wall:.1f} s")
+        for graph in graphs:
+            folder = out if len(graphs) == 1 else out / model_slug(graph.model.id)
+            folder.mkdir(parents=True, exist_ok=True)
+            mine = [(i, answer) for (g, i), answer in zip(jobs, answers, strict=True) if g is graph]
+            pictures = []
+            for i, (response, _) in mine:
+                picture = PIL.Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json)))
+                picture.save(folder / f"demo-{i}.png")
+                pictures.append(picture)
+            contact_sheet(pictures).save(folder / "contact-sheet.png")
+            progress(f"{graph.model.id}: saved to {folder}/demo-*.png and {folder}/contact-sheet.png")
+            progress("per-stage timings (queue wait + run time, and the most requests that shared a step):")
+            for i, (response, seconds) in mine:
+                stages = response.data[0].model_extra.get("stages", [])
+                parts = [
+                    f"{s['stage']} {s['queue_seconds']:.2f}+{s['run_seconds']:.2f} s (batch<={s['max_batch']})"
+                    for s in stages
+                ]
+                progress(f"  [{i}] {seconds:6.1f} s  " + ", ".join(parts) + f"  {prompts[i][:40]!r}")
         return 0
     finally:
         progress("stopping ...")

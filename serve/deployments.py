@@ -100,7 +100,7 @@ class TextEncoder(_LoopReplica):
         self.threads, self.replica = configure_replica()
         family = get_family(model["family"])
         encoder = family.load_encoder_from(model["checkpoints"], **_encoder_options(model))
-        self.metrics = EncoderMetrics()
+        self.metrics = EncoderMetrics(model.get("id", ""))
         self.loop = StageLoop(
             EncoderEngine(encoder),
             StageScheduler(max_batch_size),
@@ -166,7 +166,7 @@ class Stage(_LoopReplica):
             self.engine,
             StageScheduler(max_batch_size, mode),
             replica=self.replica,
-            metrics=StageMetrics(stage),
+            metrics=StageMetrics(stage, model.get("id", "")),
             max_replicas=max_replicas,
         ).start()
 

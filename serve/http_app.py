@@ -1,4 +1,7 @@
-"""The HTTP API (FastAPI), built in the ingress replica for its family and config.
+"""The HTTP API (FastAPI), built in the ingress replica for its config's models.
+
+A request's `model` field picks the model (unset: the config's first); its model-specific fields are
+then read with that model's request model.
 
 Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files/{name},
 GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /readyz open for probes;
@@ -22,6 +25,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from serve.config import ServeConfig
+from serve.config import ModelGraph, ServeConfig, model_slug
 from serve.metrics import request_metrics
 from serve.openai_api import (
     RETRY_AFTER_S,
@@ -44,14 +48,15 @@ from serve.openai_api import (
     image_item,
     image_request_model,
     images_response,
-    parse_form_request,
-    parse_image_request,
+    json_object,
+    parse_request,
+    requested_model,
     retry_later,
     safety_fields,
 )
 from serve.orchestrator import Orchestrator, Overloaded, StageResult, shared
 from stages.errors import InvalidParameter, StageFailure
-from stages.family import StageSpec
+from stages.family import ModelFamily, StageSpec
 from stages.params import RequestParams
 from stages.pictures import read_edit
 from stages.task import EditImages
@@ -88,27 +93,64 @@ def failure(err: BaseException) -> ApiError:
     return ApiError(500, "internal error", kind="server_error")
 
 
-def build_http_app(
-    config: ServeConfig, orchestrator: Orchestrator, ready: Callable[[], Awaitable[dict[str, int]]]
-) -> FastAPI:
-    """`ready()` gives the running replicas of every deployment of the graph."""
-    family = config.family
-    request_model = image_request_model(family.params)
-    # One request model per edit kind (their defaults differ): ImageEditRequest, ImageEditMaskRequest.
-    edit_models = {
-        kind.name: image_request_model(
-            kind.params, "ImageEditMaskRequest" if kind.mask else "ImageEditRequest", ImageEditRequestBase
+@dataclass
+class ServedModel:
+    """One model as the API serves it: its card, request models, checkpoint limits and orchestrator."""
+
+    id: str
+    family: ModelFamily
+    orchestrator: Orchestrator
+    request_model: type[ImageRequestBase]
+    edit_models: dict[str, type[ImageEditRequestBase]]  # by edit kind (their defaults differ)
+    limits: dict[str, float]
+
+    @classmethod
+    def of(cls, graph: ModelGraph, orchestrator: Orchestrator, default: bool) -> ServedModel:
+        # The default model's schemas are ImageGenerationRequest, ImageEditRequest and ImageEditMaskRequest;
+        # another model's carry its id, e.g. ImageGenerationRequest_decidiffusion_tiny.
+        suffix = "" if default else "_" + model_slug(graph.model.id)
+        family = graph.family
+        edit_models = {
+            kind.name: image_request_model(
+                kind.params,
+                ("ImageEditMaskRequest" if kind.mask else "ImageEditRequest") + suffix,
+                ImageEditRequestBase,
+            )
+            for kind in family.edit_kinds
+        }
+        return cls(
+            graph.model.id,
+            family,
+            orchestrator,
+            image_request_model(family.params, "ImageGenerationRequest" + suffix),
+            edit_models,
+            family.checkpoint_limits(graph.checkpoint_root()),
         )
-        for kind in family.edit_kinds
+
+    @property
+    def card(self) -> dict:
+        sizes = [f"{s}x{s}" for s in self.family.sizes]
+        kinds = [kind.name for kind in self.family.kinds]
+        return {"id": self.id, "object": "model", "created": 0, "owned_by": "ifserve", "family": self.family.name,
+                "sizes": sizes, "kinds": kinds}  # fmt: skip
+
+
+def build_http_app(
+    config: ServeConfig, orchestrators: dict[str, Orchestrator], ready: Callable[[], Awaitable[dict[str, int]]]
+) -> FastAPI:
+    """`orchestrators`: each served model's, by model id; `ready()` gives the running replicas of every
+    deployment of every model's graph."""
+    served = {
+        graph.model.id: ServedModel.of(graph, orchestrators[graph.model.id], default=i == 0)
+        for i, graph in enumerate(config.graphs)
     }
     max_upload = config.ingress.max_upload_bytes
     max_pixels = config.ingress.max_image_pixels
-    limits = family.checkpoint_limits(config.checkpoint_root())
     image_dir = Path(config.ingress.image_dir).expanduser().resolve()
     max_body = config.ingress.max_body_bytes
-    model_id = config.model.id
+    families = ", ".join(dict.fromkeys(m.family.name for m in served.values()))
 
-    app = FastAPI(title="ifserve", summary=f"{family.name} on Ray Serve, OpenAI Images API compatible")
+    app = FastAPI(title="ifserve", summary=f"{families} on Ray Serve, OpenAI Images API compatible")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -167,30 +209,26 @@ def build_http_app(
         return {"status": "ready", "replicas": replicas}
 
     # ---- models -------------------------------------------------------------------------------------
-    card = {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "ifserve",
-        "family": family.name,
-        "sizes": [f"{s}x{s}" for s in family.sizes],
-    }
+    default = next(iter(served.values()))
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != model_id:
+    def served_model(model: str | None) -> ServedModel:
+        """The model a request names (unset: the first of the config)."""
+        if model is None:
+            return default
+        if model not in served:
             raise ApiError(
                 404, f"model: {model!r} is not served here; GET /v1/models lists the models",
                 param="model", code="model_not_found",
             )  # fmt: skip
+        return served[model]
 
     @api.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [m.card for m in served.values()]}
 
     @api.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
-        check_model(model)
-        return card
+        return served_model(model).card
 
     # ---- images -------------------------------------------------------------------------------------
     async def read_body(request: Request, limit: int = max_body) -> bytes:
@@ -231,8 +269,11 @@ def build_http_app(
             raise InvalidParameter(name, "is required: the picture to edit, as a file")
         return found[0] if found else None
 
-    async def answer(request: Request, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str):
+    async def answer(
+        request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str
+    ):
         request_id = uuid.uuid4().hex
+        orchestrator = target.orchestrator
         if body.stream:
             events = stream_events(orchestrator, request_id, images, edit, prefix)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -249,42 +290,47 @@ def build_http_app(
                 data.append(image_item(params.seed, result.timings(), url=url, **flags))
             else:
                 data.append(image_item(params.seed, result.timings(), picture, **flags))
-        return images_response(request_id, model_id, data)
+        return images_response(request_id, target.id, data)
 
-    def schema(name: str, media: str) -> dict:
-        return {
-            "requestBody": {"required": True, "content": {media: {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
-        }
+    def schema(names: list[str], media: str) -> dict:
+        """The request body: the one model's schema, or one of the served models' (a request's `model`)."""
+        refs = [{"$ref": f"#/components/schemas/{name}"} for name in names]
+        body = refs[0] if len(refs) == 1 else {"anyOf": refs}
+        return {"requestBody": {"required": True, "content": {media: {"schema": body}}}}
 
-    @api.post("/v1/images/generations", openapi_extra=schema("ImageGenerationRequest", "application/json"))
+    generation_schemas = [m.request_model.__name__ for m in served.values()]
+    edit_schemas = [model.__name__ for m in served.values() for model in m.edit_models.values()]
+
+    @api.post("/v1/images/generations", openapi_extra=schema(generation_schemas, "application/json"))
     async def generations(request: Request):
         try:
-            body = parse_image_request(request_model, await read_body(request))
-            check_model(body.model)
+            fields = json_object(await read_body(request))
+            target = served_model(requested_model(fields))
+            body = parse_request(target.request_model, fields)
             images = body.generation_params()
-            family.check_params(images[0], limits)
+            target.family.check_params(images[0], target.limits)
         except InvalidParameter as err:
             raise failure(err) from None
-        return await answer(request, body, images, None, "image_generation")
+        return await answer(request, target, body, images, None, "image_generation")
 
-    @api.post("/v1/images/edits", openapi_extra=schema("ImageEditRequest", "multipart/form-data"))
+    @api.post("/v1/images/edits", openapi_extra=schema(edit_schemas, "multipart/form-data") if edit_schemas else None)
     async def edits(request: Request):
         """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields."""
         try:
             fields, files = await read_form(request)
+            target = served_model(requested_model(fields))
             image = one_file(files, "image", required=True)
             mask = one_file(files, "mask", required=False)
             if files:
                 raise InvalidParameter(sorted(files)[0], "is not a file this endpoint takes (image, mask)")
-            kind = family.edit_for(mask=mask is not None)
-            body = parse_form_request(edit_models[kind.name], fields)
-            check_model(body.model)
+            kind = target.family.edit_for(mask=mask is not None)
+            body = parse_request(target.edit_models[kind.name], fields)
             images = body.generation_params()
-            family.check_params(images[0], limits)
+            target.family.check_params(images[0], target.limits)
             edit: EditImages = await asyncio.to_thread(read_edit, image, mask, max_pixels=max_pixels)
         except InvalidParameter as err:
             raise failure(err) from None
-        return await answer(request, body, images, edit, "image_edit")
+        return await answer(request, target, body, images, edit, "image_edit")
 
     @api.get("/v1/images/files/{name}")
     async def image_file(name: str):
@@ -301,7 +347,7 @@ def build_http_app(
 
             schema = get_openapi(title=app.title, version="0.1.0", summary=app.summary, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (request_model, *edit_models.values()):
+            for model in [m for one in served.values() for m in (one.request_model, *one.edit_models.values())]:
                 definitions = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(definitions.pop("$defs", {}))
                 components[model.__name__] = definitions

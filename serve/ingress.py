@@ -1,6 +1,6 @@
-"""The HTTP ingress deployment: it builds the orchestrator over the stage handles and, in the replica,
-the HTTP app for its family and config (`serve/http_app.py`); Ray Serve asks for that app through
-`__serve_build_asgi_app__` once the replica is constructed."""
+"""The HTTP ingress deployment: it builds one orchestrator per served model over that model's handles
+and, in the replica, the HTTP app for the config (`serve/http_app.py`); Ray Serve asks for that app
+through `__serve_build_asgi_app__` once the replica is constructed."""
 
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ from serve.orchestrator import Orchestrator, running_replicas
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict, encoder: DeploymentHandle, stages: dict[str, DeploymentHandle]):
+    def __init__(self, config: dict, graphs: dict[str, dict[str, DeploymentHandle]]):
+        """`graphs`: each model's handles by node ("text_encoder", then its stages)."""
         self.config = ServeConfig.model_validate(config)
-        family = self.config.family
-        self.orchestrator = Orchestrator(family, encoder, stages)
-        self.deployments = ["TextEncoder", *(spec.title for spec in family.stages)]
+        self.orchestrators = {}
+        for graph in self.config.graphs:
+            handles = dict(graphs[graph.model.id])
+            encoder = handles.pop("text_encoder")
+            self.orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles)
+        self.deployments = [name for names in self.config.deployment_names() for name in names.values()]
 
     async def ready(self) -> dict[str, int]:
         status = await asyncio.to_thread(serve.status)
         return running_replicas(status, serve.get_replica_context().app_name, self.deployments)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self.config, self.orchestrator, self.ready)
+        return build_http_app(self.config, self.orchestrators, self.ready)

@@ -2,7 +2,8 @@
 by Ray's own metrics endpoint next to Ray Serve's `ray_serve_*` series (Serve adds the `deployment`,
 `replica` and `application` tags). Ray's exporter prefixes every name with `ray_`; the scrape config in
 `monitoring/prometheus.yml` renames `ray_ifserve_*` back to `ifserve_*`, so dashboards and rules use
-our names. Labels are bounded: `stage` (4 values), `endpoint` (route templates), `status` (HTTP codes).
+our names. Labels are bounded: `model` (the served models' ids), `stage` (a family's stages and
+text_encoder), `endpoint` (route templates), `status` (HTTP codes).
 
 Everything is recorded from the stage's engine thread once per step or per task; a recording is a few
 microseconds against UNet steps of milliseconds or more (`benchmarks/bench_metrics.py` measures it).
@@ -23,14 +24,14 @@ BATCH = [n + 0.5 for n in range(65)]
 
 
 class StageMetrics:
-    """One stage replica's series, all labelled `stage`."""
+    """One stage replica's series, all labelled `model` and `stage`."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, model: str = ""):
         def tagged(metric):
-            metric.set_default_tags({"stage": stage})
+            metric.set_default_tags({"model": model, "stage": stage})
             return metric
 
-        keys = ("stage",)
+        keys = ("model", "stage")
         self.queue_wait = tagged(
             metrics.Histogram(
                 "ifserve_stage_queue_wait_seconds",
@@ -82,7 +83,7 @@ class StageMetrics:
             metrics.Counter(
                 "ifserve_stage_tasks_ended",
                 "Tasks that left the stage without finishing, by outcome.",
-                tag_keys=("stage", "outcome"),
+                tag_keys=("model", "stage", "outcome"),
             )
         )
         self.active = tagged(metrics.Gauge("ifserve_stage_tasks_active", "Tasks in the running batch.", tag_keys=keys))
@@ -164,19 +165,23 @@ class StageMetrics:
 
 
 class EncoderMetrics:
-    """The text encoder's prompts (by cache hit or miss) and T5 batch sizes, labelled stage="text_encoder"."""
+    """The text encoder's prompts (by cache hit or miss) and batch sizes, labelled `model` and
+    stage="text_encoder"."""
 
-    def __init__(self):
+    def __init__(self, model: str = ""):
         self.prompts = metrics.Counter(
             "ifserve_encoder_prompts",
             "Prompts asked of the text encoder, by embedding-cache result.",
-            tag_keys=("stage", "cache"),
+            tag_keys=("model", "stage", "cache"),
         )
         self.batch_size = metrics.Histogram(
-            "ifserve_encoder_batch_size", "Prompts per batched T5 forward.", BATCH, tag_keys=("stage",)
+            "ifserve_encoder_batch_size",
+            "Prompts per batched text encoder forward.",
+            BATCH,
+            tag_keys=("model", "stage"),
         )
         for metric in (self.prompts, self.batch_size):
-            metric.set_default_tags({"stage": "text_encoder"})
+            metric.set_default_tags({"model": model, "stage": "text_encoder"})
 
     def prompt(self, cached: bool) -> None:
         self.prompts.inc(tags={"cache": "hit" if cached else "miss"})

@@ -10,6 +10,7 @@ field of the family's request parameters but the prompt and size (`negative_prom
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from typing import Annotated, Any, ClassVar, Literal
@@ -102,20 +103,30 @@ def image_request_model(
     return model
 
 
-def parse_image_request(model: type[ImageRequestBase], body: bytes) -> ImageRequestBase:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON request body, which must be an object."""
     try:
-        return model.model_validate_json(body)
-    except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "json_invalid":
-            raise InvalidParameter("body", f"not valid JSON: {first.get('ctx', {}).get('error', '')}") from None
-        if first["type"] == "model_type":
-            raise InvalidParameter("body", "must be a JSON object") from None
-        raise invalid_parameter(err) from None
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidParameter("body", f"not valid JSON: {err}") from None
+    except RecursionError:
+        raise InvalidParameter("body", "not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise InvalidParameter("body", "must be a JSON object")
+    return data
 
 
-def parse_form_request(model: type[ImageRequestBase], fields: dict[str, str]) -> ImageRequestBase:
-    """A multipart request's form fields (all strings: "2", "true", "0.5" convert as JSON's would)."""
+def requested_model(fields: dict[str, Any]) -> str | None:
+    """The `model` a request names, before its model-specific fields are read (they depend on it)."""
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidParameter("model", "must be a string")
+    return model
+
+
+def parse_request(model: type[ImageRequestBase], fields: dict[str, Any]) -> ImageRequestBase:
+    """A request's fields, from a JSON object or a multipart form (all strings there: "2", "true", "0.5"
+    convert as JSON's would)."""
     try:
         return model.model_validate(fields)
     except ValidationError as err:

@@ -72,6 +72,8 @@ class Cascade:
         """Load the text encoder and `stages` (default: all of the family's) from `root`; with
         `safety_checker`, final images pass the family's safety checker and watermark."""
         family = get_family(family) if isinstance(family, str) else family
+        if safety_checker:
+            family.check_option("safety_checker")
         names = stages or tuple(s.name for s in family.stages)
         kw = dict(device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant)
         family.checkpoint_folders(root, [family.encoder_folder, *(family.stage(n).folder for n in names)])

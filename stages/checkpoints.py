@@ -33,6 +33,8 @@ def write_checkpoints(
     if family.write_pipelines is None or preset not in family.presets:
         known = ", ".join(family.presets) or "none"
         raise ValueError(f"preset: {family.name} has no preset {preset!r}; it has {known}")
+    if safety_checker:
+        family.check_option("safety_checker")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

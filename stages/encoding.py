@@ -1,13 +1,57 @@
-"""A family's text encoder as a one-step stage, so that the same scheduler, executor and loop batch its
-prompts, cancel waiting ones and keep a failing prompt from failing the others in its batch."""
+"""Text encoders: a diffusers pipeline's own `encode_prompt` as a family's `TextEncoder`, and any
+`TextEncoder` as a one-step stage, so that the same scheduler, executor and loop batch its prompts,
+cancel waiting ones and keep a failing prompt from failing the others in its batch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from diffusers import DiffusionPipeline
+
+from stages.batch_invariance import row_groups
 from stages.errors import InvalidParameter
 from stages.family import TextEncoder
+from stages.task import TextEmbeddings
+
+
+class PipelineTextEncoder:
+    """A pipeline's `encode_prompt` (IF's T5, Stable Diffusion's CLIP), on the pipeline loaded without its
+    denoiser: one batched forward for many prompts, same tokenization and output as the pipeline's own
+    call. With batch invariance on, each prompt's embeddings are bit for bit those of encoding it alone."""
+
+    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True):
+        if pipe.text_encoder is None:
+            raise ValueError("the text encoder pipeline was loaded without its text_encoder")
+        self.pipe = pipe
+        self.batch_invariant = batch_invariant
+        self.device = pipe._execution_device
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pipe.text_encoder.get_input_embeddings().embedding_dim
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], negative_prompts: list[str | None] | None = None) -> list[TextEmbeddings]:
+        if not prompts:
+            return []
+        negatives = negative_prompts or [None] * len(prompts)
+        if len(negatives) != len(prompts):
+            raise InvalidParameter("negative_prompt", f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        for prompt in prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InvalidParameter("prompt", "must be a non-empty string")
+        # "" is exactly what diffusers encodes when no negative prompt is given.
+        with row_groups([1] * len(prompts), self.batch_invariant):
+            cond, uncond = self.pipe.encode_prompt(
+                list(prompts),
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=[n or "" for n in negatives],
+            )
+        return [TextEmbeddings(cond[i : i + 1], uncond[i : i + 1]) for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,13 @@ from stages.batch_invariance import row_groups
 from stages.errors import InvalidParameter
 from stages.images import to_pil
 from stages.params import MAX_STEPS
-from stages.task import Presented, StageOutput, StageRequest, Task
+from stages.task import Presented, StageOutput, StageRequest, Task, TextEmbeddings
 
 
 class DenoisingStage(ABC):
     """A diffusers UNet stage; it implements `stages.family.StepEngine`."""
+
+    latent = False  # its samples are VAE latents, decoded when a task finishes (`_decode`)
 
     def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True, name: str = "stage"):
         self.name = name  # the stage's name in its family: the prefix of its request parameters
@@ -62,12 +64,18 @@ class DenoisingStage(ABC):
     def _model_input(self, task: Task) -> torch.Tensor:
         """The task's UNet input rows for its current timestep (before CFG duplication)."""
 
-    @abstractmethod
     def _guide(self, task: Task, uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        """Combine the task's UNet outputs into the model output its scheduler steps with."""
+        """Combine the task's UNet outputs into the model output its scheduler steps with: classifier-free
+        guidance as Stable Diffusion's pipelines apply it (IF's pixel stages keep the learned variance)."""
+        if uncond is None:
+            return text
+        return uncond + task.request.guidance_scale * (text - uncond)
 
+    @torch.inference_mode()
     def finish(self, task: Task) -> StageOutput:
-        return StageOutput(task.request_id, task.sample, task.generator.get_state(), task.step_index)
+        """The task's output: its sample, or for a latent stage the sample through the VAE."""
+        image = self._decode(task.sample) if self.latent else task.sample
+        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index)
 
     def present(self, image: torch.Tensor) -> Presented:
         """A final image of this stage as the picture a client gets: through the safety checker and
@@ -75,6 +83,42 @@ class DenoisingStage(ABC):
         if self.safety is None:
             return Presented(to_pil(image))
         return self.safety.present(image, self.watermark_size)
+
+    @property
+    def embed_dim(self) -> int:
+        config = self.unet.config
+        return config.encoder_hid_dim or config.cross_attention_dim
+
+    def _embeddings(self, request: StageRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The family's text embeddings of the request, checked and on this stage's device and dtype: the
+        prompt's, and the negative prompt's only under guidance (guidance > 1, as diffusers decides)."""
+        emb = request.embeddings
+        if not isinstance(emb, TextEmbeddings):
+            raise InvalidParameter("embeddings", f"{self.name} needs the text encoder's TextEmbeddings")
+        for field, tensor in (("prompt_embeds", emb.prompt_embeds), ("negative_prompt_embeds", emb.negative_embeds)):
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or tensor.ndim != 3
+                or tensor.shape[0] != 1
+                or (tensor.shape[2] != self.embed_dim)
+            ):
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise InvalidParameter(field, f"expected shape (1, sequence, {self.embed_dim}), got {shape}")
+        if emb.negative_embeds.shape != emb.prompt_embeds.shape:
+            raise InvalidParameter(
+                "negative_prompt_embeds",
+                f"shape {tuple(emb.negative_embeds.shape)} differs from prompt_embeds {tuple(emb.prompt_embeds.shape)}",
+            )
+        cond = emb.prompt_embeds.to(self.device, self.dtype)
+        guided = request.guidance_scale > 1.0  # diffusers: do_classifier_free_guidance
+        return cond, emb.negative_embeds.to(self.device, self.dtype) if guided else None
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents through the pipeline's VAE to an image in [-1, 1], clamped as its postprocessing does."""
+        vae = self.pipe.vae
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return image.clamp(-1.0, 1.0)
 
     # ---- the batched step ------------------------------------------------------------------
     @torch.inference_mode()

@@ -89,6 +89,23 @@ class ModelFamily:
     # Request fields for a quick look on a CPU (`ifserve demo`), e.g. fewer steps than the defaults.
     quick_params: dict[str, Any] = field(default_factory=dict)
     edit_kinds: tuple[TaskKind, ...] = ()  # what it does besides text-to-image (`params`)
+    encoder_title: str = "TextEncoder"  # the text encoder's deployment name
+    # The loaders' optional switches the family has (IF: "safety_checker", "text_encoder_8bit").
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [spec.name for spec in self.stages]
+        if not names or len(set(names)) != len(names) or "text_encoder" in names:
+            raise ValueError(f"stages: {self.name} needs stages with distinct names other than text_encoder: {names}")
+
+    def option_error(self, option: str) -> str | None:
+        """Why the family cannot take an optional switch (None: it can)."""
+        return None if option in self.options else f"{self.name} has no {option.replace('_', ' ')}"
+
+    def check_option(self, option: str) -> None:
+        error = self.option_error(option)
+        if error:
+            raise InvalidParameter(option, error)
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:

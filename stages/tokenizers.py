@@ -20,6 +20,13 @@ MODEL_MAX_LENGTH = 77
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def keep_tokenizer_sources(src: Path, pipeline_dir: Path, names: tuple[str, ...]) -> None:
+    """Also keep the tokenizer's source files (spiece.model; vocab.json + merges.txt) next to the
+    tokenizer.json that save_pretrained writes, as in the released checkpoints."""
+    for name in names:
+        shutil.copy(src / name, pipeline_dir / "tokenizer" / name)
+
+
 def train_t5_tokenizer(out_dir: Path, pieces: int) -> T5Tokenizer:
     """SentencePiece unigram with T5's ids (pad 0, eos 1, unk 2, no bos) and 100 sentinel tokens."""
     out_dir.mkdir(parents=True, exist_ok=True)

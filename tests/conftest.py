@@ -41,3 +41,22 @@ def cascade(tiny_checkpoints):
     from stages.cascade import Cascade
 
     return Cascade.from_checkpoints(tiny_checkpoints)
+
+
+@pytest.fixture(scope="session")
+def deci_checkpoints(tmp_path_factory):
+    """DeciDiffusion's tiny preset: DIR/DeciDiffusion-v1-0."""
+    from stages.checkpoints import write_checkpoints
+    from stages.families import get_family
+
+    root = tmp_path_factory.mktemp("checkpoints") / "decidiffusion-tiny"
+    write_checkpoints(get_family("decidiffusion"), "tiny", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def deci_pipe(deci_checkpoints):
+    """diffusers' own StableDiffusionPipeline over that folder: DeciDiffusion's reference."""
+    from tests.reference import load_latent_reference
+
+    return load_latent_reference(deci_checkpoints / "DeciDiffusion-v1-0")

@@ -14,7 +14,7 @@ from serve.config import hash_key, load_config, parse_config
 from stages.errors import InvalidParameter
 from tests.serving import ROOT
 
-CONFIGS = ["local", "single-gpu", "cluster"]
+CONFIGS = ["local", "single-gpu", "cluster", "two-families"]
 KEY_ENV = {"IFSERVE_API_KEYS_SHA256": hash_key("test-key")}
 
 
@@ -27,13 +27,17 @@ def api_key_env(monkeypatch):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_deploy_configs_validate_and_give_every_stage_a_pool(name, api_key_env):
     config = load_config(ROOT / "deploy" / f"{name}.yaml")
-    pools = {config.encoder.pool, *(stage.pool for stage in config.stages.values())}
-    assert len(pools) == 4 and None not in pools  # four deployments, four pools
-    for stage in config.stages.values():
-        assert stage.max_ongoing_requests >= stage.max_batch_size
-        assert stage.deployment_options()["ray_actor_options"]["resources"] == {stage.pool: 1}
-    if config.model.device == "cuda":
-        assert all(stage.num_gpus > 0 for stage in config.stages.values())
+    every_pool = []
+    for graph in config.graphs:
+        pools = [graph.encoder.pool, *(stage.pool for stage in graph.stages.values())]
+        assert len(set(pools)) == 1 + len(graph.family.stages) and None not in pools  # a pool per deployment
+        every_pool += pools
+        for stage in graph.stages.values():
+            assert stage.max_ongoing_requests >= stage.max_batch_size
+            assert stage.deployment_options()["ray_actor_options"]["resources"] == {stage.pool: 1}
+        if graph.model.device == "cuda":
+            assert all(stage.num_gpus > 0 for stage in graph.stages.values())
+    assert len(every_pool) == len(set(every_pool))  # no model shares a pool with another
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -128,7 +132,102 @@ def test_memory_and_safety_options_reach_the_deployments():
             "stages": {"stage3": {"num_gpus": 1, "cpu_offload": True}},
         }
     )
-    stages = build_app(config)._bound_deployment.init_args[2]  # Ingress.bind(config, encoder, stages)
+    stages = build_app(config)._bound_deployment.init_args[1]["m"]  # Ingress.bind(config, {model id: nodes})
     stage2, stage3 = (stages[name]._bound_deployment.init_kwargs for name in ("stage2", "stage3"))
     assert stage3["cpu_offload"] is True and stage2["cpu_offload"] is False
     assert stage3["model"]["safety_checker"] is True and stage3["model"]["variant"] == "fp16"
+
+
+def _two_families() -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "two-families.yaml").read_text())
+
+
+def test_two_models_each_get_their_own_graph():
+    config = parse_config(_two_families())
+    assert [graph.model.id for graph in config.graphs] == ["deepfloyd-if-tiny", "decidiffusion-tiny"]
+    assert config.models[0].family.name == "decidiffusion"
+    graphs = build_app(config)._bound_deployment.init_args[1]  # Ingress.bind(config, {model id: nodes})
+    deci = graphs["decidiffusion-tiny"]
+    assert set(deci) == {"text_encoder", "denoiser"}
+    assert deci["denoiser"]._bound_deployment.name == "UNetNAS"
+    assert deci["text_encoder"]._bound_deployment.name == "CLIPTextEncoder"
+    assert deci["denoiser"]._bound_deployment.init_kwargs["model"]["family"] == "decidiffusion"
+    assert graphs["deepfloyd-if-tiny"]["stage1"]._bound_deployment.name == "StageI"
+
+
+def test_a_models_encoder_left_out_gets_a_pool_named_after_it():
+    data = _two_families()
+    del data["models"][0]["encoder"]
+    assert parse_config(data).models[0].encoder.pool == "pool_clip_text_encoder"
+    data["models"][0]["encoder"] = {"num_cpus": 1}  # given without a pool: runs on any node, as a stage would
+    assert parse_config(data).models[0].encoder.pool is None
+
+
+def test_checkpoints_are_written_per_family_and_a_partial_folder_is_refused(tmp_path):
+    from serve.app import ensure_checkpoints
+    from stages.errors import CheckpointError
+
+    data = _two_families()
+    shared = tmp_path / "shared"
+    data["model"]["checkpoints"] = data["models"][0]["model"]["checkpoints"] = str(shared)
+    (shared / "IF-I").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^model.checkpoints: .* lacks IF-II, x4-upscaler of deepfloyd-if"):
+        ensure_checkpoints(parse_config(data), progress=lambda *_: None)
+    for folder in ("IF-II", "x4-upscaler"):  # IF's folders present: only DeciDiffusion's is written, beside them
+        (shared / folder).mkdir()
+    data["models"][0]["model"]["preset"] = None
+    with pytest.raises(CheckpointError, match=r"^models.0.model.checkpoints: .*set models.0.model.preset"):
+        ensure_checkpoints(parse_config(data), progress=lambda *_: None)
+    data["models"][0]["model"]["preset"] = "tiny"
+    ensure_checkpoints(parse_config(data), progress=lambda *_: None)
+    assert (shared / "DeciDiffusion-v1-0" / "model_index.json").is_file()
+    assert not any((shared / "IF-I").iterdir())  # left as it was
+
+
+@pytest.mark.parametrize(
+    "change,param",
+    [
+        (lambda d: d["models"][0]["model"].update(id="deepfloyd-if-tiny"), "models.0.model.id"),
+        (lambda d: d["models"][0]["model"].update(id="deepfloyd/if.tiny"), "models.0.model.id"),
+        (lambda d: d["models"][0]["encoder"].update(pool="pool_text_encoder"), "models.0.encoder.pool"),
+        (lambda d: d["models"][0]["stages"]["denoiser"].update(pool="pool_elsewhere"), "models.0.stages.denoiser.pool"),
+        (lambda d: d["models"][0]["stages"].update(stage1={}), "models.0.stages"),
+        (lambda d: d["models"][0]["model"].update(safety_checker=True), "models.0.model.safety_checker"),
+        (
+            lambda d: d["models"][0]["stages"]["denoiser"].update(max_batch_size=0),
+            "models.0.stages.denoiser.max_batch_size",
+        ),
+        (lambda d: d["models"][0]["model"].update(preset="huge"), "models.0.model.preset"),
+        (lambda d: d["models"].append({"model": {"id": "x"}}), "models.1.model.checkpoints"),
+    ],
+    ids=[
+        "same-id",
+        "same-slug",
+        "shared-pool",
+        "undeclared-pool",
+        "foreign-stage",
+        "no-safety-checker",
+        "batch",
+        "preset",
+        "no-ckpt",
+    ],
+)
+def test_bad_second_models_name_the_field(change, param):
+    data = _two_families()
+    change(data)
+    with pytest.raises(InvalidParameter) as err:
+        parse_config(data)
+    assert err.value.param == param, str(err.value)
+
+
+def test_one_family_served_twice_gets_deployment_names_of_its_own():
+    data = _two_families()
+    data["cluster"]["resources"].update({f"pool_b_{n}": 1 for n in ("enc", "s1", "s2", "s3")})
+    stages = {f"stage{i}": {"pool": f"pool_b_s{i}"} for i in (1, 2, 3)}
+    second = {"model": {"id": "if/b", "checkpoints": "other"}, "encoder": {"pool": "pool_b_enc"}, "stages": stages}
+    data["models"].append(second)
+    names = parse_config(data).deployment_names()
+    assert names[0]["stage1"] == "StageI" and names[1]["denoiser"] == "UNetNAS"
+    assert names[2] == {
+        "text_encoder": "if_b-TextEncoder", "stage1": "if_b-StageI", "stage2": "if_b-StageII", "stage3": "if_b-StageIII"
+    }  # fmt: skip

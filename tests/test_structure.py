@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.serving import ROOT
 
 PACKAGES = ("stages", "serve", "benchmarks")
@@ -87,9 +89,18 @@ def test_the_model_side_never_imports_ray():
             assert not any(m == "ray" or m.startswith("ray.") for m in imported), name
 
 
-def test_only_the_family_names_its_stages_and_folders():
-    family_package = ROOT / "stages" / "families" / "deepfloyd_if"
-    names = ('"IF-I"', '"IF-II"', '"x4-upscaler"', '"stage1"', '"stage2"', '"stage3"', '"StageI"', '"StageIII"')
+@pytest.mark.parametrize(
+    "package,names",
+    [
+        (
+            "deepfloyd_if",
+            ('"IF-I"', '"IF-II"', '"x4-upscaler"', '"stage1"', '"stage2"', '"stage3"', '"StageI"', '"StageIII"'),
+        ),
+        ("decidiffusion", ('"DeciDiffusion-v1-0"', '"denoiser"', '"UNetNAS"', '"CLIPTextEncoder"', "denoiser_steps")),
+    ],
+)
+def test_only_the_family_names_its_stages_and_folders(package, names):
+    family_package = ROOT / "stages" / "families" / package
     for path in _modules().values():
         if family_package in path.parents:
             continue

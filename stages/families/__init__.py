@@ -1,18 +1,20 @@
 """The model families this package knows, by name; any other family by its import path.
 
-`get_family("deepfloyd-if")` is the registered family; `get_family("package.module:ATTRIBUTE")` imports
-a family defined elsewhere (a plugin, or a test module), as Ray Serve names an application. Replicas
-resolve the same string, so the module must be importable where they run.
+`get_family("deepfloyd-if")` and `get_family("decidiffusion")` are the registered families;
+`get_family("package.module:ATTRIBUTE")` imports a family defined elsewhere (a plugin, or a test
+module), as Ray Serve names an application. Replicas resolve the same string, so the module must be
+importable where they run.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from stages.families.decidiffusion import DECIDIFFUSION
 from stages.families.deepfloyd_if import DEEPFLOYD_IF
 from stages.family import ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {DEEPFLOYD_IF.name: DEEPFLOYD_IF}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (DEEPFLOYD_IF, DECIDIFFUSION)}
 DEFAULT_FAMILY = DEEPFLOYD_IF.name
 
 

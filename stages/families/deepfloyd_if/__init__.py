@@ -15,12 +15,12 @@ from diffusers.pipelines.deepfloyd_if import timesteps as _if_timesteps
 from pydantic import Field
 from transformers import T5EncoderModel
 
+from stages.encoding import PipelineTextEncoder
 from stages.families.deepfloyd_if.checkpoints import FOLDERS, write_pipelines
 from stages.families.deepfloyd_if.pixel_stages import StageI, StageII
 from stages.families.deepfloyd_if.presets import PRESETS
 from stages.families.deepfloyd_if.safety import COMPONENTS as SAFETY
 from stages.families.deepfloyd_if.safety import SafetyFilter
-from stages.families.deepfloyd_if.text_encoder import T5TextEncoder
 from stages.families.deepfloyd_if.upscaler import StageIII
 from stages.family import ModelFamily, StageSpec, TaskKind
 from stages.loading import load_8bit_text_encoder, load_pipeline
@@ -106,7 +106,7 @@ InpaintParams = request_params(
 
 def load_text_encoder(
     path, *, batch_invariant: bool = True, safety_checker: bool = False, text_encoder_8bit: bool = False, **kw
-) -> T5TextEncoder:
+) -> PipelineTextEncoder:
     """T5 from the stage I folder (its UNet left out); in 8-bit with `text_encoder_8bit` (bitsandbytes)."""
     given = (
         {"text_encoder": load_8bit_text_encoder(Path(path) / "text_encoder", T5EncoderModel)}
@@ -118,7 +118,7 @@ def load_text_encoder(
     pipe = load_pipeline(
         path, expect=("IFPipeline",), exclude=("unet", *SAFETY), param="text_encoder", components=given, **kw
     )
-    return T5TextEncoder(pipe, batch_invariant)
+    return PipelineTextEncoder(pipe, batch_invariant)
 
 
 def _with_safety(stage, path, safety_checker: bool, kw: dict):
@@ -174,6 +174,7 @@ DEEPFLOYD_IF = ModelFamily(
         TaskKind("image-to-image", Img2ImgParams, image=True),
         TaskKind("inpainting", InpaintParams, image=True, mask=True),
     ),
+    options=("safety_checker", "text_encoder_8bit"),
 )
 
 __all__ = ["DEEPFLOYD_IF", "GenerationParams", "Img2ImgParams", "InpaintParams", "TIMESTEP_LISTS"]

@@ -12,7 +12,6 @@ loads them exactly as it loads the released checkpoints.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from diffusers.pipelines.deepfloyd_if import IFSafetyChecker, IFWatermarker
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from stages.families.deepfloyd_if.presets import Preset, get_preset
-from stages.tokenizers import train_clip_tokenizer, train_t5_tokenizer
+from stages.tokenizers import keep_tokenizer_sources, train_clip_tokenizer, train_t5_tokenizer
 
 FOLDERS = {"stage1": "IF-I", "stage2": "IF-II", "stage3": "x4-upscaler"}  # the text encoder is in IF-I
 
@@ -96,13 +95,6 @@ def _vocab(preset: Preset, component: str, tokenizer) -> int | None:
     return None if preset.name == "full" else len(tokenizer)
 
 
-def _keep_tokenizer_sources(src: Path, pipeline_dir: Path, names: tuple[str, ...]) -> None:
-    """Also keep the tokenizer's source files (spiece.model; vocab.json + merges.txt) next to the
-    tokenizer.json that save_pretrained writes, as in the released checkpoints."""
-    for name in names:
-        shutil.copy(src / name, pipeline_dir / "tokenizer" / name)
-
-
 def _cast(pipeline, dtype: torch.dtype):
     return pipeline if dtype == torch.float32 else pipeline.to(dtype)
 
@@ -144,7 +136,7 @@ def _write_pipelines(
         requires_safety_checker=safety_checker,
     )
     _cast(stage1, dtype).save_pretrained(paths["stage1"], **save)
-    _keep_tokenizer_sources(t5_dir, paths["stage1"], ("spiece.model",))
+    keep_tokenizer_sources(t5_dir, paths["stage1"], ("spiece.model",))
     del stage1
 
     progress(f"IF-II ({preset.name}): stage II UNet")
@@ -160,7 +152,7 @@ def _write_pipelines(
         requires_safety_checker=False,
     )
     _cast(stage2, dtype).save_pretrained(paths["stage2"], **save)
-    _keep_tokenizer_sources(t5_dir, paths["stage2"], ("spiece.model",))
+    keep_tokenizer_sources(t5_dir, paths["stage2"], ("spiece.model",))
     del stage2
 
     progress(f"x4-upscaler ({preset.name}): CLIP text encoder + UNet + VAE")
@@ -174,7 +166,7 @@ def _write_pipelines(
         max_noise_level=350,
     )
     _cast(stage3, dtype).save_pretrained(paths["stage3"], **save)
-    _keep_tokenizer_sources(clip_dir, paths["stage3"], ("vocab.json", "merges.txt"))
+    keep_tokenizer_sources(clip_dir, paths["stage3"], ("vocab.json", "merges.txt"))
 
 
 def parameter_counts(preset_name: str) -> dict[str, int]:

@@ -18,40 +18,13 @@ from diffusers import IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, IFInp
 
 from stages.engine import DenoisingStage
 from stages.errors import InvalidParameter
-from stages.task import StageRequest, Task, TextEmbeddings
+from stages.task import StageRequest, Task
 
 
 class IFPixelStage(DenoisingStage):
     def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage"):
         super().__init__(pipe, batch_invariant, name)
         self.watermark_size = self.unet.config.sample_size  # as IF's pipelines call the watermarker
-
-    @property
-    def embed_dim(self) -> int:
-        config = self.unet.config
-        return config.encoder_hid_dim or config.cross_attention_dim
-
-    def _embeddings(self, request: StageRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        emb = request.embeddings
-        if not isinstance(emb, TextEmbeddings):
-            raise InvalidParameter("embeddings", f"{self.name} needs the text encoder's TextEmbeddings")
-        for field, tensor in (("prompt_embeds", emb.prompt_embeds), ("negative_prompt_embeds", emb.negative_embeds)):
-            if (
-                not isinstance(tensor, torch.Tensor)
-                or tensor.ndim != 3
-                or tensor.shape[0] != 1
-                or (tensor.shape[2] != self.embed_dim)
-            ):
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise InvalidParameter(field, f"expected shape (1, sequence, {self.embed_dim}), got {shape}")
-        if emb.negative_embeds.shape != emb.prompt_embeds.shape:
-            raise InvalidParameter(
-                "negative_prompt_embeds",
-                f"shape {tuple(emb.negative_embeds.shape)} differs from prompt_embeds {tuple(emb.prompt_embeds.shape)}",
-            )
-        cond = emb.prompt_embeds.to(self.device, self.dtype)
-        guided = request.guidance_scale > 1.0  # diffusers: do_classifier_free_guidance
-        return cond, emb.negative_embeds.to(self.device, self.dtype) if guided else None
 
     def _guide(self, task: Task, uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
         channels = task.sample.shape[1]

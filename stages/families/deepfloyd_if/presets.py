@@ -8,12 +8,10 @@ resolution of `full` (64 -> 256 -> 1024 px) and shrink only widths and depths: `
 
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
+
+from stages.presets import scaled_configs
 
 PRESETS = ("tiny", "small", "full")
 
@@ -129,20 +127,8 @@ class Preset:
         return dict(self.configs[component])
 
 
-@cache
-def _full_config(component: str) -> dict[str, Any]:
-    text = resources.files("stages.families.deepfloyd_if.configs.full").joinpath(_FULL_FILES[component]).read_text()
-    return json.loads(text)
-
-
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    configs = {}
-    for component in _FULL_FILES:
-        cfg = copy.deepcopy(_full_config(component))  # the cached original must stay the real config
-        cfg.update(_SCALED[name].get(component, {}))
-        configs[component] = cfg
+    configs = scaled_configs("stages.families.deepfloyd_if.configs.full", _FULL_FILES, _SCALED, name)
     t5_width = configs["t5"]["d_model"]
     configs["stage1_unet"]["encoder_hid_dim"] = t5_width
     configs["stage2_unet"]["encoder_hid_dim"] = t5_width

@@ -11,10 +11,12 @@ import torch
 from stages.batch_invariance import row_groups
 from stages.engine import DenoisingStage
 from stages.errors import InvalidParameter
-from stages.task import StageOutput, StageRequest, Task
+from stages.task import StageRequest, Task
 
 
 class StageIII(DenoisingStage):
+    latent = True  # the final stage's output is the decoded image, clamped as the pipeline's postprocess
+
     def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage3"):
         super().__init__(pipe, batch_invariant, name)
         self.max_noise_level = pipe.config.max_noise_level
@@ -70,17 +72,3 @@ class StageIII(DenoisingStage):
     def _model_input(self, task: Task) -> torch.Tensor:
         latents = task.scheduler.scale_model_input(task.sample, task.timestep)
         return torch.cat([latents, task.image_cond], dim=1)
-
-    def _guide(self, task: Task, uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        if uncond is None:
-            return text
-        return uncond + task.request.guidance_scale * (text - uncond)
-
-    @torch.inference_mode()
-    def finish(self, task: Task) -> StageOutput:
-        vae = self.pipe.vae
-        latents = task.sample.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        # The pipeline's postprocess clamps the decoded image; the final stage's output is that image.
-        image = image.clamp(-1.0, 1.0)
-        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index)
