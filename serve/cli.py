@@ -50,7 +50,7 @@ def _generation_flags(parser: argparse.ArgumentParser, kinds: list[type[RequestP
             fields.setdefault(name, info)
     for name, info in fields.items():
         kind, choices = _flag_type(info.annotation)
-        default = "" if info.default is None else f" (default {info.default})"
+        default = "" if info.default is None or info.is_required() else f" (default {info.default})"
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             type=kind,
@@ -92,9 +92,14 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
     family_flag(gen)
     gen.add_argument("--checkpoints", type=Path, required=True, help=f"folder with {folders}")
     _generation_flags(gen, [kind.params for kind in family.kinds])
-    gen.add_argument("--image", type=Path, help="edit this picture (image-to-image; inpainting with --mask)")
-    gen.add_argument("--mask", type=Path, help="inpaint where this mask is white (or transparent)")
-    gen.add_argument("--safety-checker", action="store_true", help="pass the final image through the safety checker")
+    none = f" ({family.name} has none)"
+    edits = "" if family.edit_kinds else none
+    gen.add_argument("--image", type=Path, help=f"edit this picture (image-to-image; inpainting with --mask){edits}")
+    gen.add_argument("--mask", type=Path, help=f"inpaint where this mask is white (or transparent){edits}")
+    safety = "" if "safety_checker" in family.options else none
+    gen.add_argument(
+        "--safety-checker", action="store_true", help=f"pass the final image through the safety checker{safety}"
+    )
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--save-stages", action="store_true", help="also write each stage's image next to --out")
     gen.add_argument("--device", default="cpu")
