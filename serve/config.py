@@ -201,8 +201,9 @@ class ModelGraph(_Strict):
                 f"model.preset: {family.name} has no preset {self.model.preset!r}; it has {', '.join(family.presets)}"
             )
         for option in ("safety_checker", "text_encoder_8bit"):
-            if getattr(self.model, option) and family.option_error(option):
-                raise ValueError(f"model.{option}: {family.option_error(option)}")
+            lacking = getattr(self.model, option) and family.option_error(option)
+            if lacking:
+                raise ValueError(f"model.{option}: {lacking}")
         known = [s.name for s in family.stages]
         unknown = sorted(set(self.stages) - set(known))
         if unknown:
