@@ -6,6 +6,9 @@ ifserve up --config deploy/local.yaml [--checkpoints DIR] [--port N]
 ifserve demo [--config deploy/local.yaml]
 ifserve serve-config --config deploy/cluster.yaml > deploy/serve/cluster.yaml
 ifserve hash-key KEY
+ifserve profile --checkpoints checkpoints/tiny --out benchmarks/profiles/cpu-tiny.json
+ifserve plan --profile benchmarks/profiles/cpu-tiny.json --out deploy/local.yaml
+ifserve bench --compare --preset tiny --json out/bench/tiny.json --plot out/bench/tiny.png
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import types
 import typing
 
+from serve import cli_capacity
 from stages.errors import CheckpointError, InvalidParameter, StageFailure
 from stages.families import DEFAULT_FAMILY, get_family
 from stages.family import TEXT_TO_IMAGE
@@ -128,6 +132,7 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
 
     key = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for auth.api_key_sha256")
     key.add_argument("key")
+    cli_capacity.add_parsers(sub)
     return parser
 
 
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             "up": _up,
             "demo": _demo,
             "serve-config": _serve_config,
+            "profile": cli_capacity.profile,
+            "plan": cli_capacity.plan,
+            "bench": cli_capacity.bench,
         }
         return commands[args.command](args)
     except (InvalidParameter, CheckpointError) as err:

@@ -6,7 +6,7 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...]}
     ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes,
-               max_upload_bytes, max_image_pixels}
+               max_upload_bytes, max_image_pixels, max_images_in_flight}
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
     stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
     models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
@@ -120,6 +120,9 @@ class IngressConfig(_Strict):
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is refused with 413
     max_upload_bytes: int = Field(16 << 20, ge=1024)  # ... and a larger edit upload (image + mask + fields)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an uploaded picture with more is refused (400)
+    # Images in the stages at once, per ingress replica; the rest wait at the ingress in arrival order.
+    # None: no limit. On a CPU box the planner sets it to what keeps every core busy.
+    max_images_in_flight: int | None = Field(None, ge=1)
 
 
 class ModelConfig(_Strict):

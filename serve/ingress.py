@@ -22,10 +22,12 @@ class Ingress:
         """`graphs`: each model's handles by node ("text_encoder", then its stages)."""
         self.config = ServeConfig.model_validate(config)
         self.orchestrators = {}
+        limit = self.config.ingress.max_images_in_flight
+        admission = asyncio.Semaphore(limit) if limit else None
         for graph in self.config.graphs:
             handles = dict(graphs[graph.model.id])
             encoder = handles.pop("text_encoder")
-            self.orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles)
+            self.orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles, admission)
         self.deployments = [name for names in self.config.deployment_names() for name in names.values()]
 
     async def ready(self) -> dict[str, int]:

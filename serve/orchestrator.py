@@ -17,6 +17,7 @@ tracebacks, actor ids and addresses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -105,11 +106,20 @@ class ReadyWatcher:
 
 
 class Orchestrator:
-    def __init__(self, family: ModelFamily, encoder: DeploymentHandle, stages: dict[str, DeploymentHandle]):
+    def __init__(
+        self,
+        family: ModelFamily,
+        encoder: DeploymentHandle,
+        stages: dict[str, DeploymentHandle],
+        admission: asyncio.Semaphore | None = None,
+    ):
         self.family = family
         self.encoder = encoder
         self.stages = stages
         self.watcher = ReadyWatcher()
+        # Images let into the stages at once (shared by every model of this ingress replica); the rest
+        # wait here, first come first served: on a CPU more work in flight only slices the cores thinner.
+        self.admission = admission or contextlib.nullcontext()
 
     async def image(
         self,
@@ -120,6 +130,10 @@ class Orchestrator:
     ) -> StageResult:
         """One image through the stages its size needs; `on_stage` gets each stage's result but the last.
         An edit's pictures (`edit`, or a ref to them) go to the stages that take them."""
+        async with self.admission:
+            return await self._image(request_id, params, on_stage, edit)
+
+    async def _image(self, request_id, params, on_stage, edit) -> StageResult:
         responses: list[DeploymentResponse] = []
         current = ["text_encoder"]  # the stage being called or awaited, for errors
         fields = params.model_dump()  # plain data crosses to the replicas; they validate it again

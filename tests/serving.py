@@ -52,8 +52,35 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+# The shipped deploy/local.yaml is the planner's plan for a 2-core CPU: batch 1 and two replicas a stage,
+# since batching costs there. The tests exercise step-level batching and count replicas, so they pin
+# one replica a stage with room to batch, whatever the plan says.
+TEST_GRAPH = {
+    "cluster": {
+        "num_cpus": 8,
+        "resources": {"pool_text_encoder": 1, "pool_stage1": 2, "pool_stage2": 1, "pool_stage3": 1},
+    },
+    "encoder": {"max_batch_size": 8, "max_ongoing_requests": 32},
+    "stages": {
+        "stage1": {
+            "max_batch_size": 8,
+            "max_ongoing_requests": 16,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 4},
+        },
+        **{
+            name: {
+                "max_batch_size": 4,
+                "max_ongoing_requests": 8,
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
+            }
+            for name in ("stage2", "stage3")
+        },
+    },
+}
+
+
 def serving_config(checkpoints: Path, tmp: Path, **overrides) -> ServeConfig:
-    data = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    data = _merge(yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text()), TEST_GRAPH)
     data = _merge(data, {"model": {"checkpoints": str(checkpoints)}, "http": {"port": free_port()}})
     data = _merge(data, {"ingress": {"image_dir": str(tmp / "images")}})
     return parse_config(_merge(data, overrides))

@@ -284,3 +284,48 @@ def test_replicas_use_as_many_torch_threads_as_cpus(server):
     config = server[1]
     for name, cpus in [("StageI", config.stages["stage1"].num_cpus), ("TextEncoder", config.encoder.num_cpus)]:
         assert stats(name)["torch_threads"] == max(1, int(cpus))
+
+
+def test_bench_load_generator_reports_per_stage_latency(url, tmp_path):
+    """`ifserve bench` against the live service: closed and open loop, per-stage records from the
+    responses, JSON and the latency plot."""
+    import json
+
+    from serve.cli import main
+
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    fields = "--fields=stage1_steps=4"
+    assert (
+        main(
+            [
+                "bench",
+                "--url",
+                url,
+                "--concurrency",
+                "2",
+                "--requests",
+                "3",
+                "--size",
+                "64",
+                fields,
+                "--objective",
+                "600",
+                "--json",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    assert main(["bench", "--url", url, "--rate", "4", "--requests", "2", "--size", "64", fields]) == 0
+    [point] = json.loads(out.read_text())["points"]
+    assert (point["requests"], point["succeeded"], point["concurrency"]) == (3, 3, 2)
+    assert point["met_objective"] == 1.0
+    latency = point["latency_s"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert set(point["stages"]) == {"stage1"}  # a 64 px image is stage I's alone
+    for outcome in point["outcomes"]:
+        [record] = outcome["stages"]
+        assert record["steps"] == 4 and record["run_seconds"] <= outcome["latency_s"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
