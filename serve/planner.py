@@ -494,7 +494,8 @@ def _share_gpus(choices: list[StageChoice], gpus: int) -> None:
 
 
 def demand_from_prometheus(url: str, family: ModelFamily, model: str, window: str = "15m") -> tuple[float, dict]:
-    """The observed request rate and per-stage demand of `model` over `window`, from the stage metrics."""
+    """The observed load of `model` over `window`, from the stage metrics: images/s arriving at its first
+    stage (a request for n images counts n) and what each stage is asked per such image."""
 
     def query(expr: str) -> dict[str, float]:
         address = f"{url.rstrip('/')}/api/v1/query?" + urllib.parse.urlencode({"query": expr})

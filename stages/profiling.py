@@ -4,10 +4,12 @@ For the text encoder and every stage, against batch size and torch threads (on a
 - one batched denoising step (tasks that never finish, so every timed call is a full step),
 - what a task costs once: admitting it and finishing it (a latent stage's VAE decode, IF's stage III
   output), and delivering a final image of the stage's size as a PNG (what the server does per image),
-- on a GPU, peak accelerator memory of the step, and every stage's weights in bytes.
+- on a CPU, the batch-1 step again while every other core steps the same stage (`loaded`),
+- on a GPU, peak accelerator memory of the step; every stage's weights in bytes.
 
-The numbers are medians of `repeats` timed calls after one warm-up, on the real engines (stages/engine.py)
-loaded from a checkpoint folder, so a profile of random weights costs what the real ones cost. No Ray.
+The numbers are means of at least `repeats` timed calls after one warm-up, on the real engines
+(stages/engine.py) loaded from a checkpoint folder, so a profile of random weights costs what the real
+ones cost. No Ray.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class _Timed:
 
 
 def _interleaved(calls: dict[Any, _Timed], repeats: int, sync: Callable[[], None], min_s: float = 0.5) -> dict:
-    """The median time of each call, measured in rounds that run every call once, in alternating order,
+    """The mean time of each call, measured in rounds that run every call once, in alternating order,
     so that drift in the machine's speed (a 2-core cloud box has plenty) hits all of them alike. At least
     `repeats` rounds after a warm-up one, and more until every call has taken `min_s` in all (at most 10x
     `repeats` rounds): a cheap step needs more samples than an expensive one to get past the noise."""
@@ -158,7 +160,9 @@ def _interleaved(calls: dict[Any, _Timed], repeats: int, sync: Callable[[], None
                 times[key].append(elapsed)
         rounds += 1
     torch.set_num_threads(threads)
-    return {key: statistics.median(values) for key, values in times.items()}
+    # The mean, not the median: a request's time is the sum of its steps, and on a shared box the slow
+    # outliers are part of what a sum pays (medians made served requests look ~15 % dearer than planned).
+    return {key: statistics.fmean(values) for key, values in times.items()}
 
 
 class BusyCores:

@@ -218,3 +218,28 @@ def test_every_recording_rule_and_panel_query_returns_data(prometheus, traffic):
     ).json()
     stages = {r["metric"]["stage"]: float(r["value"][1]) for r in result["data"]["result"]}
     assert set(stages) >= {"stage1", "stage2", "stage3"} and all(v > 0 for v in stages.values()), stages
+
+
+def test_the_planner_reads_the_observed_load_from_prometheus(served, prometheus, traffic):
+    """`ifserve plan --prometheus`: per stage, the share of images that reach it, their mean steps and
+    the share that ends there, as TRAFFIC sent them (4 images at stage I, 3 at II, 1 at III)."""
+    from serve.planner import demand_from_prometheus
+    from stages.families import DEEPFLOYD_IF
+
+    model = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())["model"]["id"]
+
+    def observed():
+        try:
+            return demand_from_prometheus(prometheus, DEEPFLOYD_IF, model, window="5m")
+        except Exception:  # noqa: BLE001 - not scraped yet
+            return None
+
+    wait_for(lambda: (found := observed()) is not None and found[1]["stage3"].images > 0, 60, what="the load")
+    rate, demand = observed()
+    assert rate > 0
+    expected = {"stage1": (1.0, 20 / 4, 1 / 4), "stage2": (3 / 4, 8 / 3, 2 / 3), "stage3": (1 / 4, 2.0, 1.0)}
+    for stage, (images, steps, final) in expected.items():
+        d = demand[stage]
+        assert d.images == pytest.approx(images, rel=0.1), stage
+        assert d.steps == pytest.approx(steps, rel=0.1), stage
+        assert d.final == pytest.approx(final, rel=0.15, abs=0.05), stage
