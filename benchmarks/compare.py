@@ -103,7 +103,7 @@ def compare(
     times = _in_child(_reference_seconds, root, demo, cores)
     reference = {"seconds": times, "burst4_s": sum(times), "throughput_rps": len(times) / sum(times)}
     progress(f"(a) reference loop, {cores} threads: {', '.join(f'{t:.2f}' for t in times)} s per image")
-    threads = the_plan.choice("stage1").threads
+    threads = min(c.threads for c in the_plan.stages)  # one count for the in-process cascade
     inprocess_s = statistics.median(_in_child(_inprocess_seconds, root, demo, threads))
     progress(f"in-process cascade, {threads} thread(s), one request with its PNG: {inprocess_s:.2f} s (median)")
     results["reference"] = reference

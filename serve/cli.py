@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ifserve: error: {err}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `profile` and `plan` record
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

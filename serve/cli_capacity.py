@@ -119,7 +119,7 @@ def profile(args) -> int:
         print(f"writing the {args.preset} preset to {root}", flush=True)
         write_checkpoints(family, args.preset, root)
     threads = args.threads or sorted({1, hardware(args.device).cores})
-    command = "ifserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "ifserve " + " ".join(shlex.quote(a) for a in args.argv)
     start = time.perf_counter()
     result = profile_family(
         family,
@@ -207,7 +207,7 @@ def plan(args) -> int:
     if args.out:
         config = result.config(base)
         parse_config(config)  # what `ifserve up` will load
-        header = f"# Planned by `ifserve {' '.join(shlex.quote(a) for a in sys.argv[1:])}`\n"
+        header = f"# Planned by `ifserve {' '.join(shlex.quote(a) for a in args.argv)}`\n"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(header + yaml.safe_dump(config, sort_keys=False))
         print(f"wrote {args.out}")

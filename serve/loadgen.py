@@ -221,9 +221,15 @@ async def _closed_loop(one, bodies: list[dict], concurrency: int, outcomes: list
     del outcomes[wanted:]
 
 
+def _offered(point: dict[str, Any]) -> float:
+    if point["offered_rps"]:
+        return point["offered_rps"]
+    return 0.0 if point["concurrency"] == 1 else point["throughput_rps"]
+
+
 def plot(results: dict[str, list[dict[str, Any]]], path: str, title: str = "") -> None:
     """Latency (p50 and p95) against offered load, one curve per configuration. A point's load is its
-    open-loop rate, or for a closed loop the throughput it drew."""
+    open-loop rate, for a closed loop the throughput it drew, and 0 for one request at a time (idle)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +238,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: str, title: str = "") -
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for label, points in results.items():
         points = sorted(
-            (p["offered_rps"] or p["throughput_rps"], p["latency_s"]["p50"], p["latency_s"]["p95"])
+            (_offered(p), p["latency_s"]["p50"], p["latency_s"]["p95"])
             for p in points
             if p["latency_s"]["p50"] is not None
         )
@@ -241,7 +247,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: str, title: str = "") -
         x = [60 * p[0] for p in points]
         (line,) = axis.plot(x, [p[2] for p in points], marker="o", label=f"{label} p95")
         axis.plot(x, [p[1] for p in points], marker=".", linestyle="--", color=line.get_color(), label=f"{label} p50")
-    axis.set_xlabel("offered load (requests/min)")
+    axis.set_xlabel("offered load (requests/min; 0: one request at a time)")
     axis.set_ylabel("latency (s)")
     axis.set_title(title)
     axis.grid(alpha=0.3)

@@ -54,8 +54,9 @@ def _merge(base: dict, override: dict) -> dict:
 
 # The shipped deploy/local.yaml is the planner's plan for a 2-core CPU: batch 1 and two replicas a stage,
 # since batching costs there. The tests exercise step-level batching and count replicas, so they pin
-# one replica a stage with room to batch, whatever the plan says.
+# one replica a stage with room to batch (as the config did before the plan), whatever the plan says.
 TEST_GRAPH = {
+    "ingress": {"max_images_in_flight": None},  # the tests' bursts must reach the stages
     "cluster": {
         "num_cpus": 8,
         "resources": {"pool_text_encoder": 1, "pool_stage1": 2, "pool_stage2": 1, "pool_stage3": 1},
@@ -65,13 +66,18 @@ TEST_GRAPH = {
         "stage1": {
             "max_batch_size": 8,
             "max_ongoing_requests": 16,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1, "target_ongoing_requests": 4},
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "initial_replicas": None,
+                "target_ongoing_requests": 4,
+            },
         },
         **{
             name: {
                 "max_batch_size": 4,
                 "max_ongoing_requests": 8,
-                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1},
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "initial_replicas": None},
             }
             for name in ("stage2", "stage3")
         },
