@@ -12,11 +12,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from serve.demo import PROMPTS as DEMO_PROMPTS
+
+# The demo's four first (`--compare` sends them as the demo's burst), then four more.
 PROMPTS = [
-    "a photo of a kangaroo wearing an orange hoodie and blue sunglasses",
-    "a red bicycle leaning against a brick wall",
-    "an astronaut riding a horse on the moon, oil painting",
-    "a bowl of ramen on a wooden table, studio lighting",
+    *DEMO_PROMPTS,
     "a lighthouse on a cliff at dusk",
     "a corgi puppy in the snow",
     "a steam locomotive crossing a bridge",
