@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from serve.metrics import StageMetrics  # noqa: E402
 from stages.checkpoints import write_checkpoints  # noqa: E402
+from stages.fair_share import DEFAULT_SHARE  # noqa: E402
 from stages.families import DEEPFLOYD_IF  # noqa: E402
 from stages.scheduler import StageScheduler  # noqa: E402
 from stages.stage_loop import StageLoop  # noqa: E402
@@ -54,7 +55,7 @@ def recording_cost(metrics: StageMetrics, batch: int, repeats: int = 5000) -> fl
     start = time.perf_counter()
     for _ in range(repeats):
         metrics.stepped(0.01, batch, 1)
-        metrics.started(0.001)
+        metrics.started(0.001, DEFAULT_SHARE)
         metrics.finished(0.5)
         metrics.arrived_task()
         metrics.refresh(batch, 0, batch, 1)

@@ -16,6 +16,7 @@ from ray.serve import Application
 from serve.config import ModelGraph, ServeConfig, load_config, where
 from serve.deployments import Stage, TextEncoder
 from serve.ingress import Ingress
+from serve.tenancy.limits import TenantLimits
 from stages.checkpoints import write_checkpoints
 from stages.errors import CheckpointError
 
@@ -71,13 +72,14 @@ def build_app(config: ServeConfig) -> Application:
         for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
     }
     ingress = config.ingress
+    limits = TenantLimits.options(name="TenantLimits").bind(config.tenancy.top_tenants, config.tenancy.lease_s)
     return Ingress.options(
         name="Ingress",
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(config.model_dump(mode="json"), graphs)
+    ).bind(config.model_dump(mode="json"), graphs, limits)
 
 
 def ensure_checkpoints(config: ServeConfig, progress=print) -> list[Path]:

@@ -9,6 +9,11 @@ ifserve hash-key KEY
 ifserve profile --checkpoints checkpoints/tiny --out benchmarks/profiles/cpu-tiny.json
 ifserve plan --profile benchmarks/profiles/cpu-tiny.json --out deploy/local.yaml
 ifserve bench --compare --preset tiny --json out/bench/tiny.json --plot out/bench/tiny.png
+ifserve tenants create NAME [--priority interactive|batch] [--weight W] [--rpm N] [--ipm N] [--max-concurrent N]
+ifserve tenants list | update NAME [same flags] | delete NAME
+ifserve keys create --tenant NAME          (prints the key once, as the last line)
+ifserve keys list [--tenant NAME] | revoke KEY_ID
+    (tenants and keys: --config deploy/local.yaml, or --database URL to override tenancy.database)
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import types
 import typing
 
-from serve import cli_capacity
+from serve import cli_capacity, cli_tenancy
 from stages.errors import CheckpointError, InvalidParameter, StageFailure
 from stages.families import DEFAULT_FAMILY, get_family
 from stages.family import TEXT_TO_IMAGE
@@ -133,6 +138,7 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
     key = sub.add_parser("hash-key", help="print the SHA-256 of an API key, for auth.api_key_sha256")
     key.add_argument("key")
     cli_capacity.add_parsers(sub)
+    cli_tenancy.add_parsers(sub)
     return parser
 
 
@@ -309,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "profile": cli_capacity.profile,
             "plan": cli_capacity.plan,
             "bench": cli_capacity.bench,
+            "tenants": cli_tenancy.tenants,
+            "keys": cli_tenancy.keys,
         }
         return commands[args.command](args)
     except (InvalidParameter, CheckpointError) as err:

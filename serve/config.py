@@ -4,9 +4,10 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant, safety_checker,
                text_encoder_8bit}
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
-    http:     {host, port}                 auth: {api_key_sha256: [...]}
+    http:     {host, port}                 auth: {api_key_sha256: [...], api_key_sha256_env, require_key}
+    tenancy:  {database, database_env, refresh_s, top_tenants, lease_s}   (`ifserve tenants`, `ifserve keys`)
     ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes,
-               max_upload_bytes, max_image_pixels, max_images_in_flight}
+               max_upload_bytes, max_image_pixels, max_images_in_flight, interactive_reserve}
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
     stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
     models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
@@ -123,6 +124,9 @@ class IngressConfig(_Strict):
     # Images in the stages at once, per ingress replica; the rest wait at the ingress in arrival order.
     # None: no limit. On a CPU box the planner sets it to what keeps every core busy.
     max_images_in_flight: int | None = Field(None, ge=1)
+    # ... and interactive images may take this many more, so that one need not wait for a batch image to
+    # finish when batch work holds every slot.
+    interactive_reserve: int = Field(1, ge=0)
 
 
 class ModelConfig(_Strict):
@@ -170,6 +174,9 @@ class AuthConfig(_Strict):
     # Also read digests (comma-separated) from this environment variable when the config loads, e.g.
     # from a Kubernetes secret; they join the list above.
     api_key_sha256_env: str | None = None
+    # Every request needs a key, even while neither the list above nor the tenants' database holds one
+    # (without it such a service is open, which only loopback allows).
+    require_key: bool = False
 
     @model_validator(mode="after")
     def _digests_from_environment(self) -> AuthConfig:
@@ -186,6 +193,45 @@ class AuthConfig(_Strict):
             return False
         digest = hash_key(key)
         return any(hmac.compare_digest(digest, known) for known in self.api_key_sha256)
+
+
+class TenancyConfig(_Strict):
+    # The tenants-and-keys database (serve/tenancy), an SQLAlchemy URL: an SQLite file, or PostgreSQL
+    # (postgresql+psycopg://user:password@host/db) where replicas on several machines share it.
+    database: str = Field("sqlite:///out/tenants.db", validate_default=True)
+    refresh_s: float = Field(2.0, gt=0)  # how often each ingress replica reloads the keys and tenants
+    top_tenants: int = Field(10, ge=0)  # tenants named in metrics (by images requested); the rest are `other`
+    # A request's concurrency slot is freed when it ends; one its ingress never freed (it died) after this.
+    lease_s: float = Field(3600.0, gt=0)
+    # Read the database URL from this environment variable when the config loads and it is set (a URL with
+    # a password belongs in a secret, not in the file); `database` otherwise.
+    database_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _database_from_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("database_env") and os.environ.get(data["database_env"]):
+            data = {**data, "database": os.environ[data["database_env"]]}
+        return data
+
+    @field_validator("database")
+    @classmethod
+    def _absolute_sqlite_path(cls, value: str) -> str:
+        """A relative SQLite path made absolute here, so replicas in another working directory open the
+        same file."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:  # the value is not echoed: it may hold a password
+            raise ValueError(
+                "is not an SQLAlchemy URL (e.g. sqlite:///out/tenants.db or postgresql+psycopg://user:password@host/db)"
+            ) from None
+        path = url.database
+        if url.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+            return value
+        return url.set(database=str(Path(path).expanduser().resolve())).render_as_string(hide_password=False)
 
 
 class ModelGraph(_Strict):
@@ -247,6 +293,7 @@ class ServeConfig(ModelGraph):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     # More models served beside `model`, each with its own deployments on its own pools; a request picks
     # one by its `model` field (unset: the first model).
@@ -275,10 +322,10 @@ class ServeConfig(ModelGraph):
                     )
                 if self.cluster.resources and replica.pool not in self.cluster.resources:
                     raise ValueError(f"{at}{field}.pool: {replica.pool} is not declared in cluster.resources")
-        if not _is_loopback(self.http.host) and not self.auth.api_key_sha256:
+        if not _is_loopback(self.http.host) and not (self.auth.api_key_sha256 or self.auth.require_key):
             raise ValueError(
                 f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
-                "(auth.api_key_sha256 or auth.api_key_sha256_env)"
+                "(auth.api_key_sha256, auth.api_key_sha256_env, or auth.require_key with `ifserve keys`)"
             )
         return self
 

@@ -22,6 +22,7 @@ from ray import serve
 from serve.metrics import EncoderMetrics, StageMetrics
 from serve.orchestrator import StageResult
 from stages.encoding import EncoderEngine, EncodeRequest
+from stages.fair_share import DEFAULT_SHARE, Share
 from stages.families import get_family
 from stages.family import TEXT_TO_IMAGE
 from stages.scheduler import StageScheduler
@@ -109,13 +110,15 @@ class TextEncoder(_LoopReplica):
             max_replicas=max_replicas,
             batch_wait_s=batch_wait_timeout_s,
         ).start()
-        self.cache: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+        # Kept per tenant: a tenant must not learn from a fast answer that another sent the same prompt.
+        self.cache: OrderedDict[tuple[str, str, str | None], Any] = OrderedDict()
         self.cache_size = cache_size
         self.hits = self.misses = 0
         self._calls = 0
 
-    async def encode(self, prompt: str, negative_prompt: str | None = None) -> Any:
-        key = (prompt, negative_prompt)
+    async def encode(self, prompt: str, negative_prompt: str | None = None, share: dict | None = None) -> Any:
+        whose = Share(**share) if share else DEFAULT_SHARE
+        key = (whose.tenant, prompt, negative_prompt)
         if key in self.cache:
             self.hits += 1
             self.metrics.prompt(cached=True)
@@ -124,7 +127,7 @@ class TextEncoder(_LoopReplica):
         self.misses += 1
         self.metrics.prompt(cached=False)
         self._calls += 1
-        embeddings, _ = await self.loop.run(f"encode-{self._calls}", EncodeRequest(prompt, negative_prompt))
+        embeddings, _ = await self.loop.run(f"encode-{self._calls}", EncodeRequest(prompt, negative_prompt), whose)
         if self.cache_size:
             self.cache[key] = embeddings
             while len(self.cache) > self.cache_size:
@@ -168,6 +171,7 @@ class Stage(_LoopReplica):
             replica=self.replica,
             metrics=StageMetrics(stage, model.get("id", "")),
             max_replicas=max_replicas,
+            os_priority=model["device"] == "cpu",  # the stages share the cores: see stages/thread_priority.py
         ).start()
 
     async def run(
@@ -179,6 +183,7 @@ class Stage(_LoopReplica):
         kind: str = TEXT_TO_IMAGE,
         edit: EditImages | None = None,
         final: bool = False,
+        share: dict | None = None,
     ) -> StageResult:
         request = self.family.stage_request(
             self.spec,
@@ -188,7 +193,9 @@ class Stage(_LoopReplica):
             previous=previous.output if previous else None,
             edit=edit,
         )
-        output, record = await self.loop.run(request_id, request)
+        whose = Share(**share) if share else DEFAULT_SHARE
+        # A step's fair-share cost is its pixels: a 1024 px step costs 256x a 64 px one.
+        output, record = await self.loop.run(request_id, request, whose, step_cost=self.spec.output_size**2)
         presented = None
         if final and self.engine.safety is not None:
             loop = asyncio.get_running_loop()

@@ -7,6 +7,12 @@ Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files
 GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /readyz open for probes;
 /openapi.json and /docs (FastAPI's own).
 
+- The API-key dependency finds the key's tenant (serve/tenancy/directory.py). An image request then
+  asks the tenant's limits (serve/tenancy/limits.py, one count for every ingress replica) before any
+  work: past one, 429 with Retry-After; every answer carries OpenAI's `x-ratelimit-*` headers. The
+  tenant's share (name, priority class, weight) travels with each image through admission and every
+  stage's queue. A tenant's `url` images are its own: another tenant's key gets 404.
+
 - Auth is checked before the body is read: the image routes declare no body parameter and read the
   body themselves, after the dependency, with a size limit (413 past `ingress.max_body_bytes`, or
   `ingress.max_upload_bytes` for an edit's multipart upload).
@@ -19,6 +25,7 @@ GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /ready
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -31,12 +38,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from serve.config import ModelGraph, ServeConfig, model_slug
-from serve.metrics import request_metrics
+from serve.metrics import request_metrics, tenant_metrics
 from serve.openai_api import (
     RETRY_AFTER_S,
     ImageEditRequestBase,
@@ -55,7 +63,11 @@ from serve.openai_api import (
     safety_fields,
 )
 from serve.orchestrator import Orchestrator, Overloaded, StageResult, shared
+from serve.tenancy.directory import KeyDirectory
+from serve.tenancy.limits import Decision
+from serve.tenancy.store import Tenant
 from stages.errors import InvalidParameter, StageFailure
+from stages.fair_share import DEFAULT_SHARE, Share
 from stages.family import ModelFamily, StageSpec
 from stages.params import RequestParams
 from stages.pictures import read_edit
@@ -136,10 +148,15 @@ class ServedModel:
 
 
 def build_http_app(
-    config: ServeConfig, orchestrators: dict[str, Orchestrator], ready: Callable[[], Awaitable[dict[str, int]]]
+    config: ServeConfig,
+    orchestrators: dict[str, Orchestrator],
+    ready: Callable[[], Awaitable[dict[str, int]]],
+    directory: KeyDirectory,
+    limits: DeploymentHandle,
 ) -> FastAPI:
     """`orchestrators`: each served model's, by model id; `ready()` gives the running replicas of every
-    deployment of every model's graph."""
+    deployment of every model's graph; `directory` finds a key's tenant and `limits` (the TenantLimits
+    deployment) counts its requests."""
     served = {
         graph.model.id: ServedModel.of(graph, orchestrators[graph.model.id], default=i == 0)
         for i, graph in enumerate(config.graphs)
@@ -187,10 +204,13 @@ def build_http_app(
         return response
 
     async def api_key(request: Request) -> None:
-        if config.auth.api_key_sha256:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not config.auth.accepts(token.strip()):
-                raise ApiError(401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        tenant = directory.authenticate(token.strip() if scheme.lower() == "bearer" else None)
+        if tenant is None:
+            raise ApiError(
+                401, "missing, invalid or revoked API key (Authorization: Bearer ...)", code="invalid_api_key"
+            )
+        request.state.tenant = tenant
 
     api = APIRouter(dependencies=[Depends(api_key)])
 
@@ -269,28 +289,79 @@ def build_http_app(
             raise InvalidParameter(name, "is required: the picture to edit, as a file")
         return found[0] if found else None
 
+    async def admit(tenant: Tenant, model: str, images: int) -> tuple[Decision, Share]:
+        """The tenant's limits, before any work: 429 past one."""
+        if tenant.ipm is not None and images > tenant.ipm:
+            raise failure(InvalidParameter("n", f"{images} images exceed this key's limit of {tenant.ipm} a minute"))
+        decision: Decision = await limits.acquire.remote(tenant, images)
+        share = Share(tenant.name, tenant.priority, tenant.weight, decision.label)
+        if not decision.allowed:
+            tenant_metrics().refused(share, decision.limit)
+            raise ApiError(
+                429, decision.message, kind=decision.limit, code="rate_limit_exceeded", headers=decision.headers
+            )
+        tenant_metrics().requested(model, share, images)
+        return decision, share
+
     async def answer(
         request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str
     ):
         request_id = uuid.uuid4().hex
         orchestrator = target.orchestrator
+        tenant: Tenant = request.state.tenant
+        decision, share = await admit(tenant, target.id, len(images))
         if body.stream:
-            events = stream_events(orchestrator, request_id, images, edit, prefix)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = stream_events(orchestrator, request_id, images, edit, prefix, share)
+            return StreamingResponse(
+                released(events, decision.lease), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", **decision.headers},
+            )  # fmt: skip
         try:
-            results = await orchestrator.images(request_id, images, edit)
-        except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape
-            raise failure(err) from None
+            results = await orchestrator.images(request_id, images, edit, share)
+        except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape, with the tenant's headers
+            error = failure(err)
+            error.headers = {**decision.headers, **(error.headers or {})}
+            raise error from None
+        finally:
+            await release(decision.lease)
         data = []
         for i, (params, result) in enumerate(zip(images, results, strict=True)):
             picture = await asyncio.to_thread(final_png, result)
             flags = safety_fields(result)
             if body.response_format == "url":
-                url = save_image(image_dir, f"{request_id}-{i}.png", picture, request)
+                url = save_image(tenant_images(tenant), f"{request_id}-{i}.png", picture, request)
                 data.append(image_item(params.seed, result.timings(), url=url, **flags))
             else:
                 data.append(image_item(params.seed, result.timings(), picture, **flags))
-        return images_response(request_id, target.id, data)
+        return JSONResponse(images_response(request_id, target.id, data), headers=decision.headers)
+
+    async def released(events: AsyncIterator[str], lease: str | None) -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await release(lease)
+
+    releasing: set[asyncio.Task] = set()  # held until done: a dropped release would keep the slot taken
+
+    async def release(lease: str | None) -> None:
+        """Free the request's concurrency slot before answering, on a task of its own, so that a cancelled
+        request frees it too."""
+
+        async def send() -> None:
+            try:
+                await limits.release.remote(lease)
+            except Exception as err:  # noqa: BLE001 - the lease expires on its own (tenancy.lease_s)
+                log.warning("could not release a concurrency lease: %s", err)
+
+        task = asyncio.get_running_loop().create_task(send())
+        releasing.add(task)
+        task.add_done_callback(releasing.discard)
+        await asyncio.shield(task)
+
+    def tenant_images(tenant: Tenant) -> Path:
+        """A tenant's folder of `url` images: named by a digest, so no tenant name is a path."""
+        return image_dir / hashlib.sha256(tenant.name.encode()).hexdigest()[:32]
 
     def schema(names: list[str], media: str) -> dict:
         """The request body: the one model's schema, or one of the served models' (a request's `model`)."""
@@ -333,8 +404,8 @@ def build_http_app(
         return await answer(request, target, body, images, edit, "image_edit")
 
     @api.get("/v1/images/files/{name}")
-    async def image_file(name: str):
-        path = image_dir / name
+    async def image_file(name: str, request: Request):
+        path = tenant_images(request.state.tenant) / name  # another tenant's image is not found
         if not re.fullmatch(r"[0-9a-f]{32}-\d+\.png", name) or not path.is_file():
             raise ApiError(404, f"name: no image {name!r}", param="name", code="not_found")
         return FileResponse(path, media_type="image/png")
@@ -372,6 +443,7 @@ async def stream_events(
     images: list[RequestParams],
     edit: EditImages | None = None,
     prefix: str = "image_generation",
+    share: Share = DEFAULT_SHARE,
 ) -> AsyncIterator[str]:
     """Server-sent events in the shape of OpenAI's image streaming: `image_generation.partial_image` for
     each finished stage before the last (with `stage`), then `image_generation.completed`, then `[DONE]`
@@ -394,7 +466,7 @@ async def stream_events(
             partial += 1
 
         try:
-            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage, edit)
+            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage, edit, share)
             await queue.put(await event("completed", result, stages=result.timings(), **safety_fields(result)))
         except asyncio.CancelledError:
             raise

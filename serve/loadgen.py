@@ -62,6 +62,7 @@ class LoadResult:
     outcomes: list[Outcome]
     objective_s: float | None = None
     kept_full: bool = False  # a closed loop that never drained (run_load's keep_full)
+    started_at: float = 0.0  # time.perf_counter() when it started: outcomes' times count from it
 
     @property
     def succeeded(self) -> list[Outcome]:
@@ -138,11 +139,14 @@ async def run_load(
     seed: int = 0,
     progress: bool = True,
     keep_full: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> LoadResult:
     """Send `bodies` (prompt, size, extra fields) open loop at `rate`, or closed loop `concurrency` at a
     time (all at once when neither is given). `keep_full`: the closed loop never drains; it sends more
     of the same kind (the bodies again, later seeds) until len(bodies) requests have completed, then
-    cancels the ones still in flight, so that every completion counted happened at full concurrency."""
+    cancels the ones still in flight, so that every completion counted happened at full concurrency.
+    `stop`, with `keep_full`: end the loop that way earlier, when it is set (a flood that lasts as long
+    as another load)."""
     from openai import AsyncOpenAI
     from tqdm.auto import tqdm
 
@@ -183,16 +187,19 @@ async def run_load(
                 await asyncio.sleep(arrivals.expovariate(rate))
             await asyncio.gather(*tasks)
         else:
-            await _closed_loop(one, bodies, concurrency, outcomes, keep_full)
+            await _closed_loop(one, bodies, concurrency, outcomes, keep_full, stop or asyncio.Event())
     finally:
         bar.close()
         await client.close()
     outcomes.sort(key=lambda o: o.index)
     mode = "open" if rate else "closed"
-    return LoadResult(label, mode, rate, concurrency, outcomes, objective_s, kept_full=keep_full and mode == "closed")
+    kept_full = keep_full and mode == "closed"
+    return LoadResult(label, mode, rate, concurrency, outcomes, objective_s, kept_full=kept_full, started_at=started)
 
 
-async def _closed_loop(one, bodies: list[dict], concurrency: int, outcomes: list, keep_full: bool) -> None:
+async def _closed_loop(
+    one, bodies: list[dict], concurrency: int, outcomes: list, keep_full: bool, stop: asyncio.Event
+) -> None:
     wanted = len(bodies)
     sent = 0
 
@@ -213,7 +220,7 @@ async def _closed_loop(one, bodies: list[dict], concurrency: int, outcomes: list
 
     workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, wanted))]
     if keep_full:  # stop at the wanted count of completions; what is still in flight is cancelled
-        while len(outcomes) < wanted and not all(w.done() for w in workers):
+        while len(outcomes) < wanted and not all(w.done() for w in workers) and not stop.is_set():
             await asyncio.sleep(0.05)
         for w in workers:
             w.cancel()

@@ -3,7 +3,9 @@ by Ray's own metrics endpoint next to Ray Serve's `ray_serve_*` series (Serve ad
 `replica` and `application` tags). Ray's exporter prefixes every name with `ray_`; the scrape config in
 `monitoring/prometheus.yml` renames `ray_ifserve_*` back to `ifserve_*`, so dashboards and rules use
 our names. Labels are bounded: `model` (the served models' ids), `stage` (a family's stages and
-text_encoder), `endpoint` (route templates), `status` (HTTP codes).
+text_encoder), `endpoint` (route templates), `status` (HTTP codes), `priority` (two classes) and
+`tenant`: the top tenants by traffic by name, every other tenant as `other` (serve/tenancy/limits.py
+picks the names; a share's `label`).
 
 Everything is recorded from the stage's engine thread once per step or per task; a recording is a few
 microseconds against UNet steps of milliseconds or more (`benchmarks/bench_metrics.py` measures it).
@@ -14,6 +16,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ray.serve import metrics
+
+from stages.fair_share import Share
 
 SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600]
 # Ray ships histograms as bucket counts and re-creates each observation at its bucket's midpoint, so a
@@ -121,6 +125,34 @@ class StageMetrics:
         self.max_replicas = tagged(
             metrics.Gauge("ifserve_stage_max_replicas", "The autoscaling ceiling of the stage.", tag_keys=keys)
         )
+        by_tenant = ("model", "stage", "tenant", "priority")
+        self.tenant_queue_wait = tagged(
+            metrics.Histogram(
+                "ifserve_tenant_queue_wait_seconds",
+                "Time from a task's arrival at the stage to its first step, by tenant and priority class.",
+                SECONDS,
+                tag_keys=by_tenant,
+            )
+        )
+        self.tenant_task_steps = tagged(
+            metrics.Counter(
+                "ifserve_tenant_task_steps", "Task-steps executed, by tenant and priority class.", tag_keys=by_tenant
+            )
+        )
+        self.tenant_cost = tagged(
+            metrics.Counter(
+                "ifserve_tenant_cost",
+                "Fair-share cost served (steps x pixels), by tenant and class: its share is the share of capacity.",
+                tag_keys=by_tenant,
+            )
+        )
+        self.preemptions = tagged(
+            metrics.Counter(
+                "ifserve_stage_preemptions",
+                "Running tasks sent back to wait for higher-priority work, by the preempted task's class.",
+                tag_keys=("model", "stage", "priority"),
+            )
+        )
         self._cuda = _cuda_device()
         # Counters start at 0, so the first increments after a replica starts show in rate() and increase().
         for counter in (self.images, self.denoising_steps, self.busy, self.arrived):
@@ -130,8 +162,17 @@ class StageMetrics:
     def arrived_task(self) -> None:
         self.arrived.inc()
 
-    def started(self, queue_wait_s: float) -> None:
+    def started(self, queue_wait_s: float, share: Share) -> None:
         self.queue_wait.observe(queue_wait_s)
+        self.tenant_queue_wait.observe(queue_wait_s, tags=_tenant_tags(share))
+
+    def served(self, share: Share, steps: int, cost: float) -> None:
+        tags = _tenant_tags(share)
+        self.tenant_task_steps.inc(steps, tags=tags)
+        self.tenant_cost.inc(cost, tags=tags)
+
+    def preempted(self, share: Share) -> None:
+        self.preemptions.inc(tags={"priority": share.priority})
 
     def stepped(self, seconds: float, batch: int, finished: int) -> None:
         self.step_duration.observe(seconds)
@@ -192,7 +233,9 @@ class EncoderMetrics:
         self.batch_size.observe(batch)
 
     def arrived_task(self) -> None: ...
-    def started(self, queue_wait_s: float) -> None: ...
+    def started(self, queue_wait_s: float, share: Share) -> None: ...
+    def served(self, share: Share, steps: int, cost: float) -> None: ...
+    def preempted(self, share: Share) -> None: ...
     def finished(self, residence_s: float) -> None: ...
     def ended(self, outcome: str) -> None: ...
     def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None: ...
@@ -220,6 +263,35 @@ class RequestMetrics:
         tags = {"endpoint": endpoint, "status": str(status)}
         self.duration.observe(seconds, tags=tags)
         self.requests.inc(tags=tags)
+
+
+class TenantMetrics:
+    """The ingress's per-tenant counts: images admitted and requests refused by a rate limit."""
+
+    def __init__(self):
+        self.images = metrics.Counter(
+            "ifserve_tenant_images", "Images requested, by model, tenant and priority class.",
+            tag_keys=("model", "tenant", "priority"),
+        )  # fmt: skip
+        self.limited = metrics.Counter(
+            "ifserve_tenant_rate_limited", "Requests refused with 429, by tenant and the limit that refused them.",
+            tag_keys=("tenant", "priority", "limit"),
+        )  # fmt: skip
+
+    def requested(self, model: str, share: Share, images: int) -> None:
+        self.images.inc(images, tags={"model": model, **_tenant_tags(share)})
+
+    def refused(self, share: Share, limit: str) -> None:
+        self.limited.inc(tags={**_tenant_tags(share), "limit": limit})
+
+
+@lru_cache(maxsize=1)
+def tenant_metrics() -> TenantMetrics:
+    return TenantMetrics()
+
+
+def _tenant_tags(share: Share) -> dict[str, str]:
+    return {"tenant": share.label, "priority": share.priority}
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,6 @@ tracebacks, actor ids and addresses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,9 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from serve.admission import FairAdmission
 from stages.errors import InvalidParameter, StageFailure
+from stages.fair_share import DEFAULT_SHARE, Share
 from stages.family import ModelFamily, StageSpec
 from stages.graph import walk
 from stages.params import RequestParams
@@ -111,15 +112,15 @@ class Orchestrator:
         family: ModelFamily,
         encoder: DeploymentHandle,
         stages: dict[str, DeploymentHandle],
-        admission: asyncio.Semaphore | None = None,
+        admission: FairAdmission | None = None,
     ):
         self.family = family
         self.encoder = encoder
         self.stages = stages
         self.watcher = ReadyWatcher()
         # Images let into the stages at once (shared by every model of this ingress replica); the rest
-        # wait here, first come first served: on a CPU more work in flight only slices the cores thinner.
-        self.admission = admission or contextlib.nullcontext()
+        # wait here in fair order: on a CPU more work in flight only slices the cores thinner.
+        self.admission = admission
 
     async def image(
         self,
@@ -127,21 +128,33 @@ class Orchestrator:
         params: RequestParams,
         on_stage: OnStage | None = None,
         edit: EditImages | ray.ObjectRef | None = None,
+        share: Share = DEFAULT_SHARE,
     ) -> StageResult:
         """One image through the stages its size needs; `on_stage` gets each stage's result but the last.
-        An edit's pictures (`edit`, or a ref to them) go to the stages that take them."""
-        async with self.admission:
-            return await self._image(request_id, params, on_stage, edit)
+        An edit's pictures (`edit`, or a ref to them) go to the stages that take them; `share` says whose
+        image it is, in every stage's queue."""
+        if self.admission is None:
+            return await self._image(request_id, params, on_stage, edit, share)
+        async with self.admission.slot(request_id, share, self.cost(params)):
+            return await self._image(request_id, params, on_stage, edit, share)
 
-    async def _image(self, request_id, params, on_stage, edit) -> StageResult:
+    def cost(self, params: RequestParams) -> float:
+        """An image's fair-share cost: steps x pixels summed over its stages."""
+        return sum(
+            spec.output_size**2 * (getattr(params, f"{spec.name}_steps", None) or 1)
+            for spec in self.family.stages_for(params.size)
+        )
+
+    async def _image(self, request_id, params, on_stage, edit, share: Share) -> StageResult:
         responses: list[DeploymentResponse] = []
         current = ["text_encoder"]  # the stage being called or awaited, for errors
         fields = params.model_dump()  # plain data crosses to the replicas; they validate it again
         kind = self.family.kind_of(params).name
         last = self.family.stages_for(params.size)[-1].name
+        whose = asdict(share)
 
         async def encode(params: RequestParams) -> DeploymentResponse:
-            response = self.encoder.encode.remote(params.prompt, params.negative_prompt)
+            response = self.encoder.encode.remote(params.prompt, params.negative_prompt, share=whose)
             responses.append(response)
             return response
 
@@ -155,6 +168,7 @@ class Orchestrator:
                 kind=kind,
                 edit=edit if spec.edits else None,
                 final=spec.name == last,
+                share=whose,
             )
             responses.append(response)
             ref = await response._to_object_ref()  # raises BackPressureError when the stage sheds
@@ -176,11 +190,18 @@ class Orchestrator:
                 _cancel(response)
 
     async def images(
-        self, request_id: str, images: list[RequestParams], edit: EditImages | None = None
+        self,
+        request_id: str,
+        images: list[RequestParams],
+        edit: EditImages | None = None,
+        share: Share = DEFAULT_SHARE,
     ) -> list[StageResult]:
         """All images of a request together; the first failure cancels the others and is raised."""
         edit = shared(edit)
-        tasks = [asyncio.create_task(self.image(f"{request_id}-{i}", p, edit=edit)) for i, p in enumerate(images)]
+        tasks = [
+            asyncio.create_task(self.image(f"{request_id}-{i}", p, edit=edit, share=share))
+            for i, p in enumerate(images)
+        ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:

@@ -2,7 +2,7 @@
 
 The phases of one step, each isolated:
 - admitting: the waiting tasks' work orders become engine tasks in one call; if that call raises,
-  each is admitted alone, and only those that still raise fail;
+  each is admitted alone, and only those that still raise fail (a preempted task resumes as it was);
 - denoising: one batched model call over every task; if it raises, it is retried task by task (the
   call changes no task, and with batch invariance a task's output alone is its output in the batch), so
   one poisoned task cannot fail its batch-mates;
@@ -51,6 +51,10 @@ class StageExecutor:
         return result
 
     def _admit(self, tasks: list[ScheduledTask], result: ExecutionResult) -> list[ScheduledTask]:
+        resumed = [t for t in tasks if t.state is not None]  # preempted earlier: their state is kept
+        return resumed + self._start([t for t in tasks if t.state is None], result)
+
+    def _start(self, tasks: list[ScheduledTask], result: ExecutionResult) -> list[ScheduledTask]:
         if not tasks:
             return []
         try:
@@ -61,7 +65,7 @@ class StageExecutor:
                 return []
             admitted = []
             for task in tasks:
-                admitted += self._admit([task], result)
+                admitted += self._start([task], result)
             return admitted
         for task, state in zip(tasks, states, strict=True):
             task.state = state

@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 from stages.errors import StageFailure
 from stages.executor import StageExecutor
+from stages.fair_share import BATCH, DEFAULT_SHARE, Share
 from stages.family import StepEngine
 from stages.scheduler import ScheduledTask, StageReport, StageScheduler
+from stages.thread_priority import ThreadPriority, can_switch
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,15 @@ class StageLoopStats:
     steps: int = 0  # batched steps executed
     task_steps: int = 0  # sum of the batch sizes of those steps
     max_batch: int = 0
+    preempted: int = 0  # running tasks sent back to wait for higher-priority work
 
 
 class LoopMetrics(Protocol):
     def arrived_task(self) -> None: ...
-    def started(self, queue_wait_s: float) -> None: ...
+    def started(self, queue_wait_s: float, share: Share) -> None: ...
     def stepped(self, seconds: float, batch: int, finished: int) -> None: ...
+    def served(self, share: Share, steps: int, cost: float) -> None: ...  # per tenant, each step
+    def preempted(self, share: Share) -> None: ...
     def finished(self, residence_s: float) -> None: ...
     def ended(self, outcome: str) -> None: ...
     def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None: ...
@@ -78,6 +83,7 @@ class StageLoop:
         max_replicas: int = 1,
         refresh_s: float = 1.0,
         batch_wait_s: float = 0.0,
+        os_priority: bool = False,
     ):
         self.name = engine.name
         self.scheduler = scheduler
@@ -87,6 +93,9 @@ class StageLoop:
         self.max_replicas = max_replicas
         self.refresh_s = refresh_s
         self.batch_wait_s = batch_wait_s  # an idle stage waits this long for a first batch to fill
+        # On a shared CPU, batch-only steps run at the lowest OS priority (stages/thread_priority.py).
+        self.os_priority = os_priority and can_switch()
+        self._priority: ThreadPriority | None = None
         self.stats = StageLoopStats()
         self.dead: BaseException | None = None
         self._refreshed = 0.0
@@ -97,13 +106,16 @@ class StageLoop:
         self._thread: threading.Thread | None = None
 
     # ---- called by the callers (any thread's event loop) -------------------------------------------
-    async def run(self, request_id: str, request: Any) -> tuple[Any, StageRecord]:
-        """The stage's output for one work order, and what the request did here."""
+    async def run(
+        self, request_id: str, request: Any, share: Share = DEFAULT_SHARE, step_cost: float = 1.0
+    ) -> tuple[Any, StageRecord]:
+        """The stage's output for one work order, and what the request did here; `share` says whose work
+        it is, `step_cost` what one of its steps costs that tenant's fair share."""
         if self.dead is not None:
             raise StageFailure(self.name, "replica", "its engine loop has stopped")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._post(("submit", request_id, request, _Caller(future, loop)))
+        self._post(("submit", request_id, request, _Caller(future, loop), share, step_cost))
         try:
             return await future
         except asyncio.CancelledError:
@@ -131,6 +143,8 @@ class StageLoop:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _thread_main(self) -> None:
+        if self.os_priority:
+            self._priority = ThreadPriority()
         try:
             while not self._stopped:
                 self._wake.clear()
@@ -161,6 +175,8 @@ class StageLoop:
         if not self.scheduler.has_work:
             return False
         plan = self.scheduler.schedule()
+        if self._priority is not None:
+            self._priority.set_low(bool(plan.tasks) and all(t.share.priority == BATCH for t in plan.tasks))
         start = time.perf_counter()
         result = self.executor.execute(plan)
         end = time.perf_counter()
@@ -182,9 +198,9 @@ class StageLoop:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, request_id, request, caller = message
+                _, request_id, request, caller, share, step_cost = message
                 try:
-                    self.scheduler.submit(request_id, request)
+                    self.scheduler.submit(request_id, request, share, step_cost)
                 except ValueError as err:
                     caller.loop.call_soon_threadsafe(_settle, caller.future, None, err)
                     continue
@@ -203,7 +219,19 @@ class StageLoop:
             self._resolve(task.request_id, error=asyncio.CancelledError())
         for task in report.started:
             if self.metrics:
-                self.metrics.started(task.first_step_at - task.arrival)
+                self.metrics.started(task.first_step_at - task.arrival, task.share)
+        for task in report.preempted:
+            self.stats.preempted += 1
+            if self.metrics:
+                self.metrics.preempted(task.share)
+        if report.batch_size and self.metrics:
+            steps: dict[Share, list[float]] = {}
+            for task in report.stepped:
+                tally = steps.setdefault(task.share, [0, 0.0])
+                tally[0] += 1
+                tally[1] += task.step_cost
+            for share, (count, cost) in steps.items():
+                self.metrics.served(share, count, cost)
         if report.batch_size:
             self.stats.steps += 1
             self.stats.task_steps += report.batch_size

@@ -51,6 +51,12 @@ class StageRequest:
     init_image: PIL.Image.Image | None = None
     mask: PIL.Image.Image | None = None
 
+    @property
+    def expected_steps(self) -> int:
+        """The steps it will run (what fair share charges up front): a strength keeps the last part."""
+        n = len(self.timesteps) if self.timesteps else self.steps
+        return n if self.strength is None else max(1, min(int(n * self.strength), n))
+
 
 @dataclass(eq=False)  # identity semantics: tasks hold tensors
 class Task:

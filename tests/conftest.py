@@ -1,3 +1,4 @@
+import itertools
 import os
 
 import pytest
@@ -60,3 +61,25 @@ def deci_pipe(deci_checkpoints):
     from tests.reference import load_latent_reference
 
     return load_latent_reference(deci_checkpoints / "DeciDiffusion-v1-0")
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py): its URL."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty database's SQLAlchemy URL: an SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tenants.db'}"
+    from tests.postgres import fresh_database
+
+    return fresh_database(request.getfixturevalue("postgres_url"), f"test_{next(_databases)}")

@@ -98,6 +98,7 @@ def url(toy_checkpoints, tmp_path_factory):
     data["stages"] = {"base": {"pool": "pool_base"}, "upscale": {"pool": "pool_upscale"}}
     data["http"]["port"] = free_port()
     data["ingress"]["image_dir"] = str(tmp_path_factory.mktemp("serve-toy"))
+    data["tenancy"] = {"database": f"sqlite:///{data['ingress']['image_dir']}/tenants.db"}
     config = parse_config(data)
     url = local_cluster.start(config, progress=lambda *_: None)
     yield url

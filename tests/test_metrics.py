@@ -230,11 +230,11 @@ def test_the_planner_reads_the_observed_load_from_prometheus(served, prometheus,
 
     def observed():
         try:
-            return demand_from_prometheus(prometheus, DEEPFLOYD_IF, model, window="5m")
+            return demand_from_prometheus(prometheus, DEEPFLOYD_IF, model, window="15m")
         except Exception:  # noqa: BLE001 - not scraped yet
             return None
 
-    wait_for(lambda: (found := observed()) is not None and found[1]["stage3"].images > 0, 60, what="the load")
+    wait_for(lambda: (found := observed()) is not None and found[1]["stage3"].images > 0, 120, what="the load")
     rate, demand = observed()
     assert rate > 0
     expected = {"stage1": (1.0, 20 / 4, 1 / 4), "stage2": (3 / 4, 8 / 3, 2 / 3), "stage3": (1 / 4, 2.0, 1.0)}

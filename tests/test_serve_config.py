@@ -231,3 +231,17 @@ def test_one_family_served_twice_gets_deployment_names_of_its_own():
     assert names[2] == {
         "text_encoder": "if_b-TextEncoder", "stage1": "if_b-StageI", "stage2": "if_b-StageII", "stage3": "if_b-StageIII"
     }  # fmt: skip
+
+
+def test_tenancy_database_paths_urls_and_the_environment(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    relative = parse_config({**BASE, "tenancy": {"database": "sqlite:///db/tenants.db"}})
+    assert relative.tenancy.database == f"sqlite:///{tmp_path / 'db' / 'tenants.db'}"  # replicas open the same file
+    default = parse_config(BASE)
+    assert default.tenancy.database == f"sqlite:///{tmp_path / 'out' / 'tenants.db'}"
+    monkeypatch.setenv("TENANTS_URL", "postgresql+psycopg://u:secret@db.internal/tenants")
+    from_env = parse_config({**BASE, "tenancy": {"database_env": "TENANTS_URL"}})
+    assert from_env.tenancy.database == "postgresql+psycopg://u:secret@db.internal/tenants"
+    with pytest.raises(InvalidParameter) as err:
+        parse_config({**BASE, "tenancy": {"database": "not a url ::"}})
+    assert err.value.param == "tenancy.database" and "secret" not in str(err.value)

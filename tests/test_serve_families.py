@@ -46,6 +46,7 @@ def served(tiny_checkpoints, deci_checkpoints, tmp_path_factory):
     data["models"][0]["model"]["checkpoints"] = str(deci_checkpoints)
     data["http"]["port"] = free_port()
     data["ingress"]["image_dir"] = str(tmp_path_factory.mktemp("serve-families"))
+    data["tenancy"] = {"database": f"sqlite:///{data['ingress']['image_dir']}/tenants.db"}
     config = parse_config(data)
     with fast_metrics_export():
         metrics_port = free_port()

@@ -167,6 +167,34 @@ CAPACITY = dashboard(
             x=12,
             y=16,
         ),
+        panel(
+            "Share of capacity per tenant, by stage",
+            "percentunit",
+            ("ifserve:tenant_capacity_share:ratio1m", "{{tenant}} ({{priority}}) {{model}} {{stage}}"),
+            x=0,
+            y=24,
+        ),
+        panel(
+            "Share of capacity per priority class, by stage",
+            "percentunit",
+            ("ifserve:priority_capacity_share:ratio1m", "{{priority}} {{model}} {{stage}}"),
+            x=12,
+            y=24,
+        ),
+        panel(
+            "Images requested per tenant",
+            "short",
+            ("ifserve:tenant_images:rate1m", "{{tenant}} ({{priority}}) {{model}}"),
+            x=0,
+            y=32,
+        ),
+        panel(
+            "Queue wait p95 per tenant, by stage",
+            "s",
+            ("ifserve:tenant_queue_wait_seconds:p95_1m", "{{tenant}} ({{priority}}) {{model}} {{stage}}"),
+            x=12,
+            y=32,
+        ),
     ],
 )
 
