@@ -10,7 +10,6 @@ one key exists, every request needs one.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 from serve.config import ServeConfig, hash_key
@@ -25,14 +24,13 @@ class KeyDirectory:
     def __init__(self, config: ServeConfig):
         self.store = TenantStore(config.tenancy.database)
         self.refresh_s = config.tenancy.refresh_s
-        self.static = list(config.auth.api_key_sha256)
-        self.require_key = config.auth.require_key
+        self.auth = config.auth  # the config's own keys: the default tenant's
         self.keys: dict[str, Tenant] = self.store.active_keys()  # an unreachable database fails the replica now
         self._reloader: asyncio.Task | None = None
 
     @property
     def open(self) -> bool:
-        return not (self.require_key or self.static or self.keys)
+        return not (self.auth.require_key or self.auth.api_key_sha256 or self.keys)
 
     def authenticate(self, token: str | None) -> Tenant | None:
         """The key's tenant; None for a missing, unknown or revoked key (the default tenant when open)."""
@@ -45,7 +43,7 @@ class KeyDirectory:
         found = self.keys.get(digest)
         if found is not None:
             return found
-        return DEFAULT_TENANT if any(hmac.compare_digest(digest, known) for known in self.static) else None
+        return DEFAULT_TENANT if self.auth.accepts(token) else None
 
     def _ensure_reloading(self) -> None:
         # Started from the first request, inside the replica's event loop.
