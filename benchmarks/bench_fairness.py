@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from serve import local_cluster
-from serve.config import parse_config
+from benchmarks.served import ROOT, config_name, report, served_with_tenants
 from serve.loadgen import percentile, request_bodies, run_load
-from serve.tenancy.store import TenantStore
 from stages.families import DEEPFLOYD_IF
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"b_p95_flood_vs_alone": ("<=", 1.3), "a_share_of_leftover": (">=", 0.8)}
 
 
@@ -39,28 +32,12 @@ def run(
     preset: str, size: int, share: float, b_requests: int, flood: int, config_path: Path, progress=print
 ) -> dict[str, Any]:
     fields = dict(DEEPFLOYD_IF.quick_params)
-    data = yaml.safe_load(config_path.read_text())
-    tmp = Path(tempfile.mkdtemp(prefix="ifserve-fairness-"))
-    data["model"] = {**data["model"], "checkpoints": str(ROOT / "out" / "checkpoints" / preset), "preset": preset}
-    data["tenancy"] = {"database": f"sqlite:///{tmp / 'tenants.db'}"}
-    data["ingress"] = {**data.get("ingress", {}), "image_dir": str(tmp / "images")}
-    config = parse_config(data)
-    store = TenantStore(config.tenancy.database)
-    store.create_tenant("flood", priority="batch")
-    store.create_tenant("steady", priority="interactive")
-    a_key, b_key = store.create_key("flood")[1], store.create_key("steady")[1]
-    store.close()
-    progress(f"starting the service ({config_path.name}, {preset}) ...")
-    url = local_cluster.start(config, progress=lambda line: None)
-    try:
-        return asyncio.run(_measure(url, size, fields, share, b_requests, flood, a_key, b_key, progress)) | {
-            "preset": preset,
-            "size": size,
-            "fields": fields,
-            "config": str(config_path.relative_to(ROOT) if config_path.is_relative_to(ROOT) else config_path),
-        }
-    finally:
-        local_cluster.stop()
+    with served_with_tenants(preset, config_path, {"flood": "batch", "steady": "interactive"}, progress) as served:
+        _, url, keys = served
+        measured = asyncio.run(
+            _measure(url, size, fields, share, b_requests, flood, keys["flood"], keys["steady"], progress)
+        )
+    return measured | {"preset": preset, "size": size, "fields": fields, "config": config_name(config_path)}
 
 
 async def _measure(url, size, fields, share, b_requests, flood, a_key, b_key, progress) -> dict[str, Any]:
@@ -147,11 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
     results = run(args.preset, args.size, args.share, args.b_requests, args.flood, args.config.resolve())
-    results["command"] = "python -m benchmarks.bench_fairness " + " ".join(argv or __import__("sys").argv[1:])
-    print(render(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, "bench_fairness", argv, args.json, render)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def served_config(root: Path, replicas: int, threads: int, batch: int, tmp: Path
             "model": {"id": "decidiffusion", "family": FAMILY.name, "checkpoints": str(root)},
             "cluster": {"num_cpus": 8, "resources": {"pool_clip_text_encoder": 1, "pool_denoiser": most}},
             "http": {"port": port},
-            "ingress": {"image_dir": str(tmp)},
+            "storage": {"url": str(tmp / "store")},
             "encoder": {"num_cpus": 1, "max_batch_size": 8},
             "stages": {
                 STAGE: {

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve.batch.runner import BatchRunner
 from serve.config import ModelGraph, ServeConfig, load_config, where
 from serve.deployments import Stage, TextEncoder
 from serve.ingress import Ingress
@@ -73,13 +74,17 @@ def build_app(config: ServeConfig) -> Application:
     }
     ingress = config.ingress
     limits = TenantLimits.options(name="TenantLimits").bind(config.tenancy.top_tenants, config.tenancy.lease_s)
+    # The batch runner calls the same graphs as the ingress (Serve deploys each bound deployment once).
+    runner = BatchRunner.options(name="BatchRunner", ray_actor_options={"num_cpus": config.batch.num_cpus}).bind(
+        config.model_dump(mode="json"), graphs, limits
+    )
     return Ingress.options(
         name="Ingress",
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
-    ).bind(config.model_dump(mode="json"), graphs, limits)
+    ).bind(config.model_dump(mode="json"), graphs, limits, runner)
 
 
 def ensure_checkpoints(config: ServeConfig, progress=print) -> list[Path]:

@@ -14,6 +14,8 @@ ifserve tenants list | update NAME [same flags] | delete NAME
 ifserve keys create --tenant NAME          (prints the key once, as the last line)
 ifserve keys list [--tenant NAME] | revoke KEY_ID
     (tenants and keys: --config deploy/local.yaml, or --database URL to override tenancy.database)
+ifserve batch submit FILE.jsonl [--wait] | status ID [--wait] | results ID --out DIR | cancel ID
+    (--url http://127.0.0.1:8000 or $IFSERVE_URL, --api-key or $IFSERVE_API_KEY)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import types
 import typing
 
-from serve import cli_capacity, cli_tenancy
+from serve import cli_batch, cli_capacity, cli_tenancy
 from stages.errors import CheckpointError, InvalidParameter, StageFailure
 from stages.families import DEFAULT_FAMILY, get_family
 from stages.family import TEXT_TO_IMAGE
@@ -139,6 +141,7 @@ def _parser(family_name: str = DEFAULT_FAMILY) -> argparse.ArgumentParser:
     key.add_argument("key")
     cli_capacity.add_parsers(sub)
     cli_tenancy.add_parsers(sub)
+    cli_batch.add_parsers(sub)
     return parser
 
 
@@ -317,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": cli_capacity.bench,
             "tenants": cli_tenancy.tenants,
             "keys": cli_tenancy.keys,
+            "batch": cli_batch.batch,
         }
         return commands[args.command](args)
     except (InvalidParameter, CheckpointError) as err:

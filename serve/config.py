@@ -6,8 +6,11 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...], api_key_sha256_env, require_key}
     tenancy:  {database, database_env, refresh_s, top_tenants, lease_s}   (`ifserve tenants`, `ifserve keys`)
-    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, image_dir, max_body_bytes,
+    ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, max_body_bytes,
                max_upload_bytes, max_image_pixels, max_images_in_flight, interactive_reserve}
+    storage:  {url, url_ttl_s, url_secret_env, public_url, sweep_s}   `url` images and batch files (fsspec)
+    batch:    {max_file_bytes, max_lines, max_batch_bytes, max_in_flight, max_in_flight_per_tenant, lease_s,
+               poll_s, num_cpus}                                                (OpenAI's Batch API)
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
     stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
     models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
@@ -117,7 +120,6 @@ class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=-1)
-    image_dir: str = "out/images"  # where `response_format: url` images are written and served from
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is refused with 413
     max_upload_bytes: int = Field(16 << 20, ge=1024)  # ... and a larger edit upload (image + mask + fields)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an uploaded picture with more is refused (400)
@@ -234,6 +236,43 @@ class TenancyConfig(_Strict):
         return url.set(database=str(Path(path).expanduser().resolve())).render_as_string(hide_password=False)
 
 
+class StorageConfig(_Strict):
+    """Where `response_format: url` images and batch files go (serve/blob_store.py), shared by every
+    ingress replica and the batch runner."""
+
+    # An fsspec URL or a local folder (relative: to the working directory, made absolute here), e.g.
+    # s3://bucket/ifserve or gcs://bucket/ifserve on a cluster, with the fsspec backend installed.
+    url: str = Field("out/store", min_length=1, validate_default=True)
+    url_ttl_s: float = Field(3600.0, gt=0)  # how long a signed image URL works; the sweep deletes the image after
+    # The secret that signs image URLs, from this environment variable; unset, one is made once and kept
+    # in the database (every replica reads the same).
+    url_secret_env: str | None = None
+    # The links' scheme://host[:port] as clients reach the service (a load balancer's address); unset, an
+    # HTTP request's own, and http://{http.host}:{http.port} for batch results.
+    public_url: str | None = None
+    sweep_s: float = Field(300.0, gt=0)  # how often expired images are deleted
+
+    @field_validator("url")
+    @classmethod
+    def _absolute_folder(cls, value: str) -> str:
+        if "://" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+
+class BatchConfig(_Strict):
+    """OpenAI's Batch API (serve/batch): limits on input files and how the runner works through them."""
+
+    max_file_bytes: int = Field(100 << 20, ge=1024)  # an upload (POST /v1/files) larger than this is a 413
+    max_lines: int = Field(50_000, ge=1)  # a batch's input file with more lines fails validation
+    max_batch_bytes: int = Field(100 << 20, ge=1)  # ... and one with more bytes
+    max_in_flight: int = Field(16, ge=1)  # items the runner has in the serving graph at once, all tenants
+    max_in_flight_per_tenant: int = Field(8, ge=1)  # ... and of one tenant
+    lease_s: float = Field(30.0, gt=0)  # an item claimed by a runner that died is claimed again after this
+    poll_s: float = Field(0.5, gt=0)  # how often the runner looks for work when it has not been woken
+    num_cpus: float = Field(0.1, ge=0)  # the runner's replica: it waits on the graph, encodes PNGs, writes files
+
+
 class ModelGraph(_Strict):
     """One model and its graph's deployments: the text encoder and one per stage of its family."""
 
@@ -295,6 +334,8 @@ class ServeConfig(ModelGraph):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     # More models served beside `model`, each with its own deployments on its own pools; a request picks
     # one by its `model` field (unset: the first model).
     models: list[ModelGraph] = Field(default_factory=list)
@@ -333,6 +374,19 @@ class ServeConfig(ModelGraph):
     def graphs(self) -> list[ModelGraph]:
         """Every served model's graph; the first is the default model."""
         return [self, *self.models]
+
+    def batch_in_flight(self) -> int:
+        """Batch lines the runner may have in the graph at once: `batch.max_in_flight`, but always leaving
+        `ingress.interactive_reserve` of the smallest stage's guaranteed slots (min replicas x
+        max_ongoing_requests) free. Ray Serve queues a call that finds every slot taken in its router,
+        first come first served, where no interactive request could overtake a batch line; inside a
+        replica it preempts the batch line at the next step."""
+        slots = min(
+            max(1, stage.autoscaling.min_replicas) * stage.max_ongoing_requests
+            for graph in self.graphs
+            for stage in graph.stages.values()
+        )
+        return max(1, min(self.batch.max_in_flight, slots - self.ingress.interactive_reserve))
 
     def deployment_names(self) -> list[dict[str, str]]:
         """Each graph's deployment names by node: its family's titles, unless an earlier graph took one of

@@ -3,15 +3,17 @@
 A request's `model` field picks the model (unset: the config's first); its model-specific fields are
 then read with that model's request model.
 
-Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/images/files/{name},
-GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /readyz open for probes;
+Routes: POST /v1/images/generations, POST /v1/images/edits, GET /v1/models[/{id}], OpenAI's Files and
+Batch API (serve/batch/routes.py) behind one API-key dependency; GET /v1/images/files/{owner}/{name}
+(a `url` image: its signed link, or the owner's key); GET /healthz and GET /readyz open for probes;
 /openapi.json and /docs (FastAPI's own).
 
 - The API-key dependency finds the key's tenant (serve/tenancy/directory.py). An image request then
   asks the tenant's limits (serve/tenancy/limits.py, one count for every ingress replica) before any
   work: past one, 429 with Retry-After; every answer carries OpenAI's `x-ratelimit-*` headers. The
   tenant's share (name, priority class, weight) travels with each image through admission and every
-  stage's queue. A tenant's `url` images are its own: another tenant's key gets 404.
+  stage's queue. `url` images go to the shared blob store (serve/blob_store.py) behind signed links
+  that expire; without a signature, another tenant's key gets 404.
 
 - Auth is checked before the body is read: the image routes declare no body parameter and read the
   body themselves, after the dependency, with a size limit (413 past `ingress.max_body_bytes`, or
@@ -25,126 +27,47 @@ GET /v1/models[/{id}] behind one API-key dependency; GET /healthz and GET /ready
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
 
-from serve.config import ModelGraph, ServeConfig, model_slug
+from serve.batch.routes import batch_routes
+from serve.batch.store import BatchStore
+from serve.config import ServeConfig
+from serve.http_common import ApiError, failure, read_body, read_multipart
 from serve.metrics import request_metrics, tenant_metrics
 from serve.openai_api import (
-    RETRY_AFTER_S,
-    ImageEditRequestBase,
     ImageRequestBase,
     error_body,
     error_response,
     final_png,
     image_event,
-    image_item,
-    image_request_model,
-    images_response,
     json_object,
-    parse_request,
     requested_model,
     retry_later,
     safety_fields,
 )
-from serve.orchestrator import Orchestrator, Overloaded, StageResult, shared
+from serve.orchestrator import Orchestrator, StageResult, shared
+from serve.served import IMAGE_ROUTE, ImageLinks, ServedModel, ServedModels, UnknownModel, generate
 from serve.tenancy.directory import KeyDirectory
 from serve.tenancy.limits import Decision
 from serve.tenancy.store import Tenant
-from stages.errors import InvalidParameter, StageFailure
+from stages.errors import InvalidParameter
 from stages.fair_share import DEFAULT_SHARE, Share
-from stages.family import ModelFamily, StageSpec
+from stages.family import StageSpec
 from stages.params import RequestParams
-from stages.pictures import read_edit
 from stages.task import EditImages
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error response in OpenAI's shape, raised from anywhere in a route or dependency."""
-
-    def __init__(self, status: int, message: str, *, param=None, kind="invalid_request_error", code=None, headers=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return error_response(
-            self.status, self.message, param=self.param, kind=self.kind, code=self.code, headers=self.headers
-        )
-
-
-def failure(err: BaseException) -> ApiError:
-    """What the client is told about a failed generation."""
-    if isinstance(err, InvalidParameter):
-        return ApiError(400, str(err), param=err.param)
-    if isinstance(err, Overloaded):
-        return ApiError(
-            503, f"overloaded, retry later: {err}", kind="server_error", code="overloaded",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )  # fmt: skip
-    if isinstance(err, StageFailure):
-        return ApiError(500, str(err), kind="server_error", code="stage_failed")
-    log.error("generation failed", exc_info=err)
-    return ApiError(500, "internal error", kind="server_error")
-
-
-@dataclass
-class ServedModel:
-    """One model as the API serves it: its card, request models, checkpoint limits and orchestrator."""
-
-    id: str
-    family: ModelFamily
-    orchestrator: Orchestrator
-    request_model: type[ImageRequestBase]
-    edit_models: dict[str, type[ImageEditRequestBase]]  # by edit kind (their defaults differ)
-    limits: dict[str, float]
-
-    @classmethod
-    def of(cls, graph: ModelGraph, orchestrator: Orchestrator, default: bool) -> ServedModel:
-        # The default model's schemas are ImageGenerationRequest, ImageEditRequest and ImageEditMaskRequest;
-        # another model's carry its id, e.g. ImageGenerationRequest_decidiffusion_tiny.
-        suffix = "" if default else "_" + model_slug(graph.model.id)
-        family = graph.family
-        edit_models = {
-            kind.name: image_request_model(
-                kind.params,
-                ("ImageEditMaskRequest" if kind.mask else "ImageEditRequest") + suffix,
-                ImageEditRequestBase,
-            )
-            for kind in family.edit_kinds
-        }
-        return cls(
-            graph.model.id,
-            family,
-            orchestrator,
-            image_request_model(family.params, "ImageGenerationRequest" + suffix),
-            edit_models,
-            family.checkpoint_limits(graph.checkpoint_root()),
-        )
-
-    @property
-    def card(self) -> dict:
-        sizes = [f"{s}x{s}" for s in self.family.sizes]
-        kinds = [kind.name for kind in self.family.kinds]
-        return {"id": self.id, "object": "model", "created": 0, "owned_by": "ifserve", "family": self.family.name,
-                "sizes": sizes, "kinds": kinds}  # fmt: skip
 
 
 def build_http_app(
@@ -153,18 +76,19 @@ def build_http_app(
     ready: Callable[[], Awaitable[dict[str, int]]],
     directory: KeyDirectory,
     limits: DeploymentHandle,
+    links: ImageLinks,
+    batches: BatchStore,
+    wake_runner: Callable[[], Awaitable[None]],
 ) -> FastAPI:
     """`orchestrators`: each served model's, by model id; `ready()` gives the running replicas of every
     deployment of every model's graph; `directory` finds a key's tenant and `limits` (the TenantLimits
-    deployment) counts its requests."""
-    served = {
-        graph.model.id: ServedModel.of(graph, orchestrators[graph.model.id], default=i == 0)
-        for i, graph in enumerate(config.graphs)
-    }
+    deployment) counts its requests; `links` keeps `url` images; `batches` and `wake_runner` serve the
+    Batch API (serve/batch)."""
+    served = ServedModels.of(config, orchestrators)
     max_upload = config.ingress.max_upload_bytes
     max_pixels = config.ingress.max_image_pixels
-    image_dir = Path(config.ingress.image_dir).expanduser().resolve()
     max_body = config.ingress.max_body_bytes
+    public_url = config.storage.public_url
     families = ", ".join(dict.fromkeys(m.family.name for m in served.values()))
 
     app = FastAPI(title="ifserve", summary=f"{families} on Ray Serve, OpenAI Images API compatible")
@@ -172,6 +96,10 @@ def build_http_app(
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown_model(request: Request, exc: UnknownModel):
+        return error_response(404, str(exc), param=exc.param, code="model_not_found")
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -229,56 +157,18 @@ def build_http_app(
         return {"status": "ready", "replicas": replicas}
 
     # ---- models -------------------------------------------------------------------------------------
-    default = next(iter(served.values()))
-
-    def served_model(model: str | None) -> ServedModel:
-        """The model a request names (unset: the first of the config)."""
-        if model is None:
-            return default
-        if model not in served:
-            raise ApiError(
-                404, f"model: {model!r} is not served here; GET /v1/models lists the models",
-                param="model", code="model_not_found",
-            )  # fmt: skip
-        return served[model]
-
     @api.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [m.card for m in served.values()]}
 
     @api.get("/v1/models/{model:path}")
     async def model(model: str) -> dict:
-        return served_model(model).card
+        return served.named(model).card
 
     # ---- images -------------------------------------------------------------------------------------
-    async def read_body(request: Request, limit: int = max_body) -> bytes:
-        too_large = ApiError(413, f"body: larger than {limit} bytes", param="body", code="body_too_large")
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-        return bytes(body)
-
     async def read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
         """The multipart form's fields and files (by name, `image[]` as `image`), within the upload limit."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise InvalidParameter("body", "must be multipart/form-data, with the picture as the `image` file")
-        request._body = await read_body(request, max_upload)  # Starlette's form() parses the cached body
-        try:
-            form = await request.form(max_files=4, max_fields=128, max_part_size=max_body)
-        except MultiPartException as err:
-            raise InvalidParameter("body", f"not a valid multipart form: {err.message}") from None
-        fields: dict[str, str] = {}
-        files: dict[str, list[bytes]] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                files.setdefault(name.removesuffix("[]"), []).append(await value.read())
-            else:
-                fields[name] = value
-        await form.close()
+        fields, files, _ = await read_multipart(request, max_upload, max_part=max_body, max_files=4)
         return fields, files
 
     def one_file(files: dict[str, list[bytes]], name: str, required: bool) -> bytes | None:
@@ -307,33 +197,28 @@ def build_http_app(
         request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str
     ):
         request_id = uuid.uuid4().hex
-        orchestrator = target.orchestrator
         tenant: Tenant = request.state.tenant
         decision, share = await admit(tenant, target.id, len(images))
         if body.stream:
-            events = stream_events(orchestrator, request_id, images, edit, prefix, share)
+            events = stream_events(target.orchestrator, request_id, images, edit, prefix, share)
             return StreamingResponse(
                 released(events, decision.lease), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **decision.headers},
             )  # fmt: skip
+
+        async def publish(name: str, picture: bytes) -> str:
+            base = public_url or str(request.base_url)
+            return await asyncio.to_thread(links.save, tenant.name, name, picture, base)
+
         try:
-            results = await orchestrator.images(request_id, images, edit, share)
+            response = await generate(target, request_id, body, images, edit, share, publish)
         except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape, with the tenant's headers
             error = failure(err)
             error.headers = {**decision.headers, **(error.headers or {})}
             raise error from None
         finally:
             await release(decision.lease)
-        data = []
-        for i, (params, result) in enumerate(zip(images, results, strict=True)):
-            picture = await asyncio.to_thread(final_png, result)
-            flags = safety_fields(result)
-            if body.response_format == "url":
-                url = save_image(tenant_images(tenant), f"{request_id}-{i}.png", picture, request)
-                data.append(image_item(params.seed, result.timings(), url=url, **flags))
-            else:
-                data.append(image_item(params.seed, result.timings(), picture, **flags))
-        return JSONResponse(images_response(request_id, target.id, data), headers=decision.headers)
+        return JSONResponse(response, headers=decision.headers)
 
     async def released(events: AsyncIterator[str], lease: str | None) -> AsyncIterator[str]:
         try:
@@ -359,10 +244,6 @@ def build_http_app(
         task.add_done_callback(releasing.discard)
         await asyncio.shield(task)
 
-    def tenant_images(tenant: Tenant) -> Path:
-        """A tenant's folder of `url` images: named by a digest, so no tenant name is a path."""
-        return image_dir / hashlib.sha256(tenant.name.encode()).hexdigest()[:32]
-
     def schema(names: list[str], media: str) -> dict:
         """The request body: the one model's schema, or one of the served models' (a request's `model`)."""
         refs = [{"$ref": f"#/components/schemas/{name}"} for name in names]
@@ -375,11 +256,9 @@ def build_http_app(
     @api.post("/v1/images/generations", openapi_extra=schema(generation_schemas, "application/json"))
     async def generations(request: Request):
         try:
-            fields = json_object(await read_body(request))
-            target = served_model(requested_model(fields))
-            body = parse_request(target.request_model, fields)
-            images = body.generation_params()
-            target.family.check_params(images[0], target.limits)
+            target, body, images = served.generation(json_object(await read_body(request, max_body)))
+        except UnknownModel:
+            raise
         except InvalidParameter as err:
             raise failure(err) from None
         return await answer(request, target, body, images, None, "image_generation")
@@ -389,27 +268,42 @@ def build_http_app(
         """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields."""
         try:
             fields, files = await read_form(request)
-            target = served_model(requested_model(fields))
+            served.named(requested_model(fields))  # an unknown model is a 404 before the files are looked at
             image = one_file(files, "image", required=True)
             mask = one_file(files, "mask", required=False)
             if files:
                 raise InvalidParameter(sorted(files)[0], "is not a file this endpoint takes (image, mask)")
-            kind = target.family.edit_for(mask=mask is not None)
-            body = parse_request(target.edit_models[kind.name], fields)
-            images = body.generation_params()
-            target.family.check_params(images[0], target.limits)
-            edit: EditImages = await asyncio.to_thread(read_edit, image, mask, max_pixels=max_pixels)
+            target, body, images, edit = await asyncio.to_thread(served.edit, fields, image, mask, max_pixels)
+        except UnknownModel:
+            raise
         except InvalidParameter as err:
             raise failure(err) from None
         return await answer(request, target, body, images, edit, "image_edit")
 
-    @api.get("/v1/images/files/{name}")
-    async def image_file(name: str, request: Request):
-        path = tenant_images(request.state.tenant) / name  # another tenant's image is not found
-        if not re.fullmatch(r"[0-9a-f]{32}-\d+\.png", name) or not path.is_file():
+    @app.get(IMAGE_ROUTE + "/{owner}/{name}")
+    async def image_file(owner: str, name: str, request: Request, expires: str | None = None,
+                         signature: str | None = None):  # fmt: skip
+        """A `url` image: open to anyone with its signed link until it expires; without a signature, to
+        a key of the tenant that made it. Another tenant's key gets 404."""
+        if not (re.fullmatch(r"[0-9a-f]{32}", owner) and re.fullmatch(r"[0-9a-zA-Z_.-]{1,128}\.png", name)):
             raise ApiError(404, f"name: no image {name!r}", param="name", code="not_found")
-        return FileResponse(path, media_type="image/png")
+        if expires is not None or signature is not None:
+            refused = links.signer.check(request.url.path, expires, signature)
+            if refused is not None:
+                raise ApiError(403, f"signature: {refused} link; ask for the image again", param="signature",
+                               code="invalid_signature")  # fmt: skip
+        else:
+            await api_key(request)
+            if ImageLinks.owner(request.state.tenant.name) != owner:
+                raise ApiError(404, f"name: no image {name!r}", param="name", code="not_found")
+        try:
+            picture = await asyncio.to_thread(links.blobs.read, links.key(owner, name))
+        except FileNotFoundError:
+            raise ApiError(404, f"name: no image {name!r} (expired images are deleted)", param="name",
+                           code="not_found") from None  # fmt: skip
+        return Response(picture, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
+    api.include_router(batch_routes(config, batches, wake_runner))
     app.include_router(api)
 
     def openapi() -> dict:
@@ -427,14 +321,6 @@ def build_http_app(
 
     app.openapi = openapi
     return app
-
-
-def save_image(image_dir: Path, name: str, picture: bytes, request: Request) -> str:
-    image_dir.mkdir(parents=True, exist_ok=True)
-    tmp = image_dir / f".{name}.tmp"
-    tmp.write_bytes(picture)
-    tmp.replace(image_dir / name)  # readers never see a half-written file
-    return str(request.url_for("image_file", name=name))
 
 
 async def stream_events(

@@ -6,34 +6,45 @@ keys itself (serve/tenancy/directory.py); the limits are counted in one place fo
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.admission import FairAdmission
+from serve.batch.store import BatchStore
+from serve.blob_store import BlobStore
 from serve.config import ServeConfig
+from serve.database import open_database
 from serve.http_app import build_http_app
-from serve.orchestrator import Orchestrator, running_replicas
+from serve.orchestrator import build_orchestrators, running_replicas
+from serve.served import ImageLinks, url_signer
 from serve.tenancy.directory import KeyDirectory
 
 
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: dict, graphs: dict[str, dict[str, DeploymentHandle]], limits: DeploymentHandle):
+    def __init__(
+        self,
+        config: dict,
+        graphs: dict[str, dict[str, DeploymentHandle]],
+        limits: DeploymentHandle,
+        runner: DeploymentHandle,
+    ):
         """`graphs`: each model's handles by node ("text_encoder", then its stages); `limits`: the
-        TenantLimits deployment."""
+        TenantLimits deployment; `runner`: the BatchRunner."""
         self.config = ServeConfig.model_validate(config)
-        self.orchestrators = {}
         self.directory = KeyDirectory(self.config)
-        self.limits = limits
+        self.limits, self.runner = limits, runner
         limit = self.config.ingress.max_images_in_flight
         admission = FairAdmission(limit, self.config.ingress.interactive_reserve) if limit else None
-        for graph in self.config.graphs:
-            handles = dict(graphs[graph.model.id])
-            encoder = handles.pop("text_encoder")
-            self.orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles, admission)
+        self.orchestrators = build_orchestrators(self.config, graphs, admission)
+        engine = open_database(self.config.tenancy.database)
+        blobs = BlobStore(self.config.storage.url)
+        self.links = ImageLinks(blobs, url_signer(self.config.storage, engine))
+        self.batches = BatchStore(engine, blobs)
         self.deployments = [name for names in self.config.deployment_names() for name in names.values()]
 
     async def ready(self) -> dict[str, int]:
@@ -41,4 +52,14 @@ class Ingress:
         return running_replicas(status, serve.get_replica_context().app_name, self.deployments)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_http_app(self.config, self.orchestrators, self.ready, self.directory, self.limits)
+        return build_http_app(
+            self.config, self.orchestrators, self.ready, self.directory, self.limits, self.links, self.batches,
+            self.wake_runner,
+        )  # fmt: skip
+
+    async def wake_runner(self) -> None:
+        """A batch was created or cancelled: the runner looks now rather than at its next poll."""
+        try:
+            await self.runner.wake.remote()
+        except Exception as err:  # noqa: BLE001 - it polls anyway (batch.poll_s)
+            logging.getLogger(__name__).warning("could not wake the batch runner: %s", err)

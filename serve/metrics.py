@@ -285,6 +285,25 @@ class TenantMetrics:
         self.limited.inc(tags={**_tenant_tags(share), "limit": limit})
 
 
+class BatchMetrics:
+    """The batch runner's lines: finished (or handed back for another try) by outcome, and in flight."""
+
+    def __init__(self):
+        self.lines = metrics.Counter(
+            "ifserve_batch_lines", "Batch lines finished, by tenant and outcome (succeeded, errored, retried).",
+            tag_keys=("tenant", "outcome"),
+        )  # fmt: skip
+        self.in_flight = metrics.Gauge("ifserve_batch_lines_in_flight", "Batch lines in the serving graph now.")
+
+    def finished(self, share: Share, outcome: str) -> None:
+        self.lines.inc(tags={"tenant": share.label, "outcome": outcome})
+
+
+@lru_cache(maxsize=1)
+def batch_metrics() -> BatchMetrics:
+    return BatchMetrics()
+
+
 @lru_cache(maxsize=1)
 def tenant_metrics() -> TenantMetrics:
     return TenantMetrics()

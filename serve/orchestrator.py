@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve.admission import FairAdmission
+from serve.config import ServeConfig
 from stages.errors import InvalidParameter, StageFailure
 from stages.fair_share import DEFAULT_SHARE, Share
 from stages.family import ModelFamily, StageSpec
@@ -235,3 +236,15 @@ def running_replicas(status, app_name: str, deployments: list[str]) -> dict[str,
         states = found[name].replica_states if name in found else {}
         counts[name] = sum(n for state, n in states.items() if getattr(state, "value", state) == "RUNNING")
     return counts
+
+
+def build_orchestrators(
+    config: ServeConfig, graphs: dict[str, dict[str, DeploymentHandle]], admission: FairAdmission | None
+) -> dict[str, Orchestrator]:
+    """One orchestrator per served model, over its handles by node ("text_encoder", then its stages)."""
+    orchestrators = {}
+    for graph in config.graphs:
+        handles = dict(graphs[graph.model.id])
+        encoder = handles.pop("text_encoder")
+        orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles, admission)
+    return orchestrators

@@ -231,6 +231,7 @@ class Plan:
             ingress = data.get("ingress", {})
             needed = sum(s.threads * s.max_replicas for s in self.stages)
             needed += ingress.get("num_cpus", 0.1) * ingress.get("num_replicas", 1)
+            needed += data.get("batch", {}).get("num_cpus", 0.1)  # the batch runner
             cluster["num_cpus"] = float(math.ceil(needed))
         else:
             cluster["num_gpus"] = float(sum(s.gpus * s.max_replicas for s in self.stages))

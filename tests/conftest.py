@@ -1,4 +1,3 @@
-import itertools
 import os
 
 import pytest
@@ -72,14 +71,8 @@ def postgres_url():
         yield url
 
 
-_databases = itertools.count()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
-    """An empty database's SQLAlchemy URL: an SQLite file, or a new database on the session's PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'tenants.db'}"
-    from tests.postgres import fresh_database
+    from tests.postgres import empty_database
 
-    return fresh_database(request.getfixturevalue("postgres_url"), f"test_{next(_databases)}")
+    return empty_database(request, tmp_path)

@@ -6,6 +6,7 @@ under root they run as the `postgres` user the package creates."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pwd
 import re
@@ -96,3 +97,14 @@ def fresh_database(url: str, name: str) -> str:
     ) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return parsed.set(database=name).render_as_string(hide_password=False)
+
+
+_databases = itertools.count()
+
+
+def empty_database(request, folder) -> str:
+    """An empty database's SQLAlchemy URL for a test parametrized by "sqlite" / "postgresql": an SQLite
+    file in `folder`, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{folder / 'app.db'}"
+    return fresh_database(request.getfixturevalue("postgres_url"), f"test_{next(_databases)}")

@@ -88,7 +88,7 @@ TEST_GRAPH = {
 def serving_config(checkpoints: Path, tmp: Path, **overrides) -> ServeConfig:
     data = _merge(yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text()), TEST_GRAPH)
     data = _merge(data, {"model": {"checkpoints": str(checkpoints)}, "http": {"port": free_port()}})
-    data = _merge(data, {"ingress": {"image_dir": str(tmp / "images")}})
+    data = _merge(data, {"storage": {"url": str(tmp / "store")}})
     data = _merge(data, {"tenancy": {"database": f"sqlite:///{tmp / 'tenants.db'}"}})
     return parse_config(_merge(data, overrides))
 

@@ -97,8 +97,9 @@ def url(toy_checkpoints, tmp_path_factory):
     data["cluster"]["resources"] = {"pool_text_encoder": 1, "pool_base": 1, "pool_upscale": 1}
     data["stages"] = {"base": {"pool": "pool_base"}, "upscale": {"pool": "pool_upscale"}}
     data["http"]["port"] = free_port()
-    data["ingress"]["image_dir"] = str(tmp_path_factory.mktemp("serve-toy"))
-    data["tenancy"] = {"database": f"sqlite:///{data['ingress']['image_dir']}/tenants.db"}
+    tmp = tmp_path_factory.mktemp("serve-toy")
+    data["storage"] = {"url": str(tmp / "store")}
+    data["tenancy"] = {"database": f"sqlite:///{tmp}/tenants.db"}
     config = parse_config(data)
     url = local_cluster.start(config, progress=lambda *_: None)
     yield url

@@ -144,7 +144,7 @@ def test_url_response_format_serves_the_png(client, url):
     fetched = httpx.get(as_url.data[0].url, timeout=30)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert np.array_equal(decode(base64.b64encode(fetched.content).decode()), decode(as_b64.data[0].b64_json))
-    assert httpx.get(f"{url}/v1/images/files/{'0' * 32}-0.png").status_code == 404
+    assert httpx.get(f"{url}/v1/images/files/{'0' * 32}/{'0' * 32}-0.png").status_code == 404
 
 
 def test_streaming_sends_a_preview_per_stage_then_the_image(client, reference_pipes):

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.serve
 def test_up_serves_with_api_keys_and_stops_cleanly_on_sigint(tmp_path):
     config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     config["auth"] = {"api_key_sha256": [hash_key("sk-test")]}
-    config["ingress"]["image_dir"] = str(tmp_path / "images")
+    config["storage"] = {"url": str(tmp_path / "store")}
     config["tenancy"] = {"database": f"sqlite:///{tmp_path / 'tenants.db'}"}
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(yaml.safe_dump(config))

@@ -245,3 +245,15 @@ def test_tenancy_database_paths_urls_and_the_environment(monkeypatch, tmp_path):
     with pytest.raises(InvalidParameter) as err:
         parse_config({**BASE, "tenancy": {"database": "not a url ::"}})
     assert err.value.param == "tenancy.database" and "secret" not in str(err.value)
+
+
+def test_batch_lines_in_flight_leave_the_interactive_reserve_free():
+    """deploy/local.yaml: two replicas a stage, two slots each; one kept for interactive requests."""
+    shipped = load_config(ROOT / "deploy" / "local.yaml")
+    assert shipped.batch.max_in_flight == 4 and shipped.batch_in_flight() == 3
+    data = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    assert parse_config({**data, "batch": {"max_in_flight": 2}}).batch_in_flight() == 2
+    assert parse_config({**data, "ingress": {**data["ingress"], "interactive_reserve": 0}}).batch_in_flight() == 4
+    one_slot = {**data["stages"]["stage2"], "max_ongoing_requests": 1, "max_batch_size": 1,
+                "autoscaling": {"min_replicas": 0, "max_replicas": 2, "initial_replicas": 0}}  # fmt: skip
+    assert parse_config({**data, "stages": {**data["stages"], "stage2": one_slot}}).batch_in_flight() == 1

@@ -45,8 +45,9 @@ def served(tiny_checkpoints, deci_checkpoints, tmp_path_factory):
     data["model"]["checkpoints"] = str(tiny_checkpoints)
     data["models"][0]["model"]["checkpoints"] = str(deci_checkpoints)
     data["http"]["port"] = free_port()
-    data["ingress"]["image_dir"] = str(tmp_path_factory.mktemp("serve-families"))
-    data["tenancy"] = {"database": f"sqlite:///{data['ingress']['image_dir']}/tenants.db"}
+    tmp = tmp_path_factory.mktemp("serve-families")
+    data["storage"] = {"url": str(tmp / "store")}
+    data["tenancy"] = {"database": f"sqlite:///{tmp}/tenants.db"}
     config = parse_config(data)
     with fast_metrics_export():
         metrics_port = free_port()

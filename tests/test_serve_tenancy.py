@@ -16,6 +16,7 @@ from ray import serve
 from serve import local_cluster
 from serve.app import APP_NAME
 from serve.tenancy.store import TenantStore
+from tests.postgres import empty_database
 from tests.serving import serving_config, wait_for
 
 pytestmark = pytest.mark.serve
@@ -27,12 +28,7 @@ SMALL = {"size": "64x64", "stage1_steps": 2}  # stage I only: a cheap image
 def service(request, tiny_checkpoints, tmp_path_factory):
     """The service with tenants made before it starts (and a store to change them while it runs)."""
     tmp = tmp_path_factory.mktemp(f"serve-tenancy-{request.param}")
-    if request.param == "sqlite":
-        database = f"sqlite:///{tmp / 'tenants.db'}"
-    else:
-        from tests.postgres import fresh_database
-
-        database = fresh_database(request.getfixturevalue("postgres_url"), "serve_tenancy")
+    database = empty_database(request, tmp)
     store = TenantStore(database)
     keys = {}
     for name, settings in {
@@ -137,10 +133,14 @@ def test_a_tenants_images_are_hidden_from_another_tenant(service):
     made = post(url, keys["dave"], response_format="url")
     assert made.status_code == 200, made.text
     link = made.json()["data"][0]["url"]
-    own = httpx.get(link, headers={"Authorization": f"Bearer {keys['dave']}"})
+    unsigned = link.split("?")[0]
+    own = httpx.get(unsigned, headers={"Authorization": f"Bearer {keys['dave']}"})
     assert own.status_code == 200 and own.content.startswith(b"\x89PNG")
-    other = httpx.get(link, headers={"Authorization": f"Bearer {keys['alice']}"})
+    other = httpx.get(unsigned, headers={"Authorization": f"Bearer {keys['alice']}"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+    assert httpx.get(unsigned).status_code == 401  # neither signed nor a key
+    # The signed link itself is the capability, as OpenAI's are: it opens without a key.
+    assert httpx.get(link).content == own.content
 
 
 def test_a_changed_limit_applies_without_a_restart(service):

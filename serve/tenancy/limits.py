@@ -144,3 +144,7 @@ class TenantLimits:
 
     async def release(self, lease: str | None) -> None:
         self.limiter.release(lease)
+
+    async def label(self, tenant: str) -> str:
+        """The tenant's name in metrics (`other` past the top tenants): for work no request admitted."""
+        return self.limiter.label(tenant)

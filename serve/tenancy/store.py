@@ -11,15 +11,14 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Float, ForeignKey, String, TypeDecorator, create_engine, event, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import Float, ForeignKey, String, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship, sessionmaker
 
 from serve.config import hash_key
+from serve.database import Base, UtcDateTime, open_database
 from stages.errors import InvalidParameter
 from stages.fair_share import PRIORITIES  # in order of precedence
 
@@ -49,25 +48,6 @@ class KeyInfo:
     revoked_at: datetime | None
 
 
-class _UtcDateTime(TypeDecorator):
-    """Timezone-aware UTC in and out: SQLite keeps no zone, so its naive values are read back as UTC."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        return None if value is None else value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
 class TenantRow(Base):
     __tablename__ = "tenants"
 
@@ -78,7 +58,7 @@ class TenantRow(Base):
     rpm: Mapped[int | None]
     ipm: Mapped[int | None]
     max_concurrent: Mapped[int | None]
-    created_at: Mapped[datetime] = mapped_column(_UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # The ORM deletes a tenant's keys with it; the foreign key's ON DELETE CASCADE does so for a delete
     # that bypasses the ORM.
     keys: Mapped[list[KeyRow]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
@@ -94,8 +74,8 @@ class KeyRow(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     prefix: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(_UtcDateTime)
-    revoked_at: Mapped[datetime | None] = mapped_column(_UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     tenant: Mapped[TenantRow] = relationship(back_populates="keys")
 
     def info(self) -> KeyInfo:
@@ -125,14 +105,7 @@ def _checked(field: str, value: Any) -> Any:
 
 class TenantStore:
     def __init__(self, url: str):
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-            if not parsed.database.startswith("file:"):
-                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(parsed, pool_pre_ping=True)
-        if parsed.get_backend_name() == "sqlite":  # SQLite enforces foreign keys only when asked, per connection
-            event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA foreign_keys=ON"))
-        Base.metadata.create_all(self.engine)
+        self.engine = open_database(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:

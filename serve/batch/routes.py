@@ -1,0 +1,140 @@
+"""OpenAI's Files and Batch routes, so the official client's `files` and `batches` work unchanged:
+
+    POST /v1/files (multipart: file, purpose=batch)   GET /v1/files   GET|DELETE /v1/files/{id}
+    GET /v1/files/{id}/content
+    POST /v1/batches {input_file_id, endpoint, completion_window, metadata}   GET /v1/batches (paged)
+    GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
+
+They sit behind the API key like every route; a tenant sees only its own files and batches (anyone
+else's answers 404). Creating a batch only records it (`validating`) and wakes the runner
+(serve/batch/runner.py), which checks the input file and runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.batch.store import BatchStore, Conflict, NotFound
+from serve.config import ServeConfig
+from serve.http_common import ApiError, read_body, read_multipart
+from serve.openai_api import json_object
+from stages.errors import InvalidParameter
+from stages.params import invalid_parameter
+
+# What a batch may call. An edit line's body is JSON: `image` (and `mask`) as base64 or data: URLs.
+ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
+PURPOSES = ("batch",)
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=48)
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+
+
+def batch_routes(config: ServeConfig, store: BatchStore, wake_runner: Callable[[], Awaitable[None]]) -> APIRouter:
+    router = APIRouter()
+    max_file = config.batch.max_file_bytes
+
+    def tenant(request: Request) -> str:
+        return request.state.tenant.name
+
+    async def call(function, *args):
+        """A store call off the event loop, its errors in OpenAI's shape."""
+        try:
+            return await asyncio.to_thread(function, *args)
+        except NotFound as err:
+            raise ApiError(404, str(err), param=err.param, code="not_found") from None
+        except Conflict as err:
+            raise ApiError(409, str(err), code="batch_not_cancellable") from None
+        except InvalidParameter as err:
+            raise ApiError(400, str(err), param=err.param) from None
+
+    # ---- files --------------------------------------------------------------------------------------
+    @router.post("/v1/files")
+    async def create_file(request: Request) -> dict:
+        try:
+            fields, files, names = await read_multipart(request, max_file + (64 << 10), max_part=max_file, max_files=1)
+            purpose = fields.get("purpose")
+            if purpose not in PURPOSES:
+                raise InvalidParameter("purpose", f"must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+            if len(files.get("file", [])) != 1:
+                raise InvalidParameter("file", "is required: one file, the batch's JSONL")
+        except InvalidParameter as err:
+            raise ApiError(400, str(err), param=err.param) from None
+        data = files["file"][0]
+        if len(data) > max_file:
+            raise ApiError(413, f"file: larger than {max_file} bytes (batch.max_file_bytes)", param="file",
+                           code="file_too_large")  # fmt: skip
+        row = await call(store.create_file, tenant(request), names.get("file") or "upload.jsonl", purpose, data)
+        return row.openai()
+
+    @router.get("/v1/files")
+    async def list_files(request: Request, purpose: str | None = None) -> dict:
+        rows = await call(store.files, tenant(request), purpose)
+        return {"object": "list", "data": [row.openai() for row in rows], "has_more": False}
+
+    @router.get("/v1/files/{file_id}")
+    async def get_file(file_id: str, request: Request) -> dict:
+        return (await call(store.file, tenant(request), file_id)).openai()
+
+    @router.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, request: Request):
+        data = await call(store.content, tenant(request), file_id)
+        return Response(data, media_type="application/jsonl")
+
+    @router.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, request: Request) -> dict:
+        await call(store.delete_file, tenant(request), file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ---- batches ------------------------------------------------------------------------------------
+    async def with_counts(rows) -> list[dict]:
+        counts = await call(store.counts, [row.id for row in rows])
+        return [row.openai(counts[row.id]) for row in rows]
+
+    @router.post("/v1/batches")
+    async def create_batch(request: Request) -> dict:
+        try:
+            body = BatchCreate.model_validate(json_object(await read_body(request, config.ingress.max_body_bytes)))
+        except ValidationError as err:
+            raise ApiError(400, str(invalid_parameter(err)), param=invalid_parameter(err).param) from None
+        except InvalidParameter as err:
+            raise ApiError(400, str(err), param=err.param) from None
+        if body.endpoint not in ENDPOINTS:
+            raise ApiError(400, f"endpoint: {body.endpoint!r} is not a batch endpoint here; one of "
+                           f"{', '.join(ENDPOINTS)}", param="endpoint")  # fmt: skip
+        row = await call(store.create_batch, tenant(request), body.input_file_id, body.endpoint,
+                         body.completion_window, body.metadata)  # fmt: skip
+        await wake_runner()
+        return (await with_counts([row]))[0]
+
+    @router.get("/v1/batches")
+    async def list_batches(request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None) -> dict:
+        rows, more = await call(store.batches, tenant(request), limit, after)
+        data = await with_counts(rows)
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": more}  # fmt: skip
+
+    @router.get("/v1/batches/{batch_id}")
+    async def get_batch(batch_id: str, request: Request) -> dict:
+        return (await with_counts([await call(store.batch, tenant(request), batch_id)]))[0]
+
+    @router.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, request: Request) -> dict:
+        row = await call(store.cancel, tenant(request), batch_id)
+        await wake_runner()
+        return (await with_counts([row]))[0]
+
+    return router

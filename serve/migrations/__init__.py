@@ -1,0 +1,1 @@
+"""Alembic's migrations of the application database (serve/database.py runs them)."""

@@ -1,0 +1,254 @@
+"""The Batch API's pieces without Ray: input lines checked (every bad case named by line), the store's
+leases (claimed once, by one runner; taken back from a dead one; a stale holder cannot finish), results
+assembled into exactly one line per custom_id, cancellation, the schema's migrations, blobs written
+whole, and signed image URLs. Store tests run on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect, text, update
+
+from serve.batch.lines import check_lines
+from serve.batch.store import BatchStore, Conflict, NotFound, jsonl
+from serve.batch.tables import ItemRow
+from serve.blob_store import BlobStore, UrlSigner, shared_secret
+from serve.config import parse_config
+from serve.database import open_database
+from serve.served import ServedModels
+from stages.errors import InvalidParameter
+
+ENDPOINT = "/v1/images/generations"
+CANCELLED = {"code": "batch_cancelled", "message": "cancelled"}
+
+
+def line(custom_id: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": {"prompt": "a cat", **body}}
+
+
+@pytest.fixture(scope="module")
+def check_body(tiny_checkpoints):
+    config = parse_config({"model": {"id": "tiny", "checkpoints": str(tiny_checkpoints)}})
+    served = ServedModels.of(config, {"tiny": None})  # checking needs no orchestrator
+    return served.generation
+
+
+def checked(check_body, lines: list, max_lines: int = 100, max_bytes: int = 1 << 20):
+    data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+    return check_lines(data, ENDPOINT, check_body, max_lines, max_bytes)
+
+
+def test_good_lines_become_items_in_order(check_body):
+    out = checked(check_body, [line("a", seed=1), line("b", size="64x64")])
+    assert out.errors == [] and [(n, c) for n, c, _ in out.items] == [(1, "a"), (2, "b")]
+
+
+@pytest.mark.parametrize(
+    "bad, code, param",
+    [
+        (b"{not json", "invalid_json_line", None),
+        ([1, 2], "invalid_json_line", None),
+        ({**line("x"), "method": "GET"}, "invalid_method", "method"),
+        ({**line("x"), "url": "/v1/chat/completions"}, "invalid_url", "url"),
+        (line("x", n=1000), "invalid_request", "body.n"),
+        (line("x", size="13x13"), "invalid_request", "body.size"),
+        (line("x", no_such_field=1), "invalid_request", "body.no_such_field"),
+        (line("x", model="not-served"), "invalid_request", "body.model"),
+        (line("x", stream=True), "invalid_request", "body.stream"),
+        ({"method": "POST", "url": ENDPOINT, "body": {}}, "invalid_request", "custom_id"),
+        (line("a"), "duplicate_custom_id", "custom_id"),  # line 1 is custom_id "a" too
+    ],
+)
+def test_each_bad_line_is_named_by_its_number(check_body, bad, code, param):
+    out = checked(check_body, [line("a"), bad, line("c")])
+    assert [(e["line"], e["code"], e["param"]) for e in out.errors] == [(2, code, param)]
+    assert out.errors[0]["message"].startswith("line 2: ")
+    assert out.error_lines[0]["error"]["line"] == 2
+
+
+def test_too_many_lines_or_bytes_fail_the_whole_file(check_body):
+    many = checked(check_body, [line(str(i)) for i in range(5)], max_lines=4)
+    assert [e["code"] for e in many.errors] == ["too_many_lines"] and not many.items
+    big = checked(check_body, [line(str(i)) for i in range(5)], max_bytes=100)
+    assert [e["code"] for e in big.errors] == ["too_large"] and not big.items
+
+
+# ---- the store ----------------------------------------------------------------------------------------
+@pytest.fixture
+def store(database_url, tmp_path):
+    engine = open_database(database_url)
+    yield BatchStore(engine, BlobStore(str(tmp_path / "store")))
+    engine.dispose()
+
+
+def started(store: BatchStore, tenant: str, count: int) -> str:
+    data = jsonl([line(f"c{i}", seed=i) for i in range(count)])
+    source = store.create_file(tenant, "in.jsonl", "batch", data)
+    batch = store.create_batch(tenant, source.id, ENDPOINT, "24h", {"job": "test"})
+    assert store.start(batch.id, [(i + 1, f"c{i}", {"seed": i}) for i in range(count)])
+    return batch.id
+
+
+def result(item, owner="a") -> dict:
+    return {"id": f"batch_req_{item.id}", "custom_id": item.custom_id, "owner": owner,
+            "response": {"status_code": 200, "body": {}}, "error": None}  # fmt: skip
+
+
+def test_two_runners_claiming_at_once_never_take_the_same_item(store):
+    batch_id = started(store, "t", 40)
+    with ThreadPoolExecutor(4) as pool:
+        claims = list(pool.map(lambda owner: store.claim(owner, 10, 30, {}, 100), ["a", "b", "c", "d"]))
+    ids = [item.id for claim in claims for item in claim]
+    assert len(ids) == 40 and len(set(ids)) == 40
+    assert store.counts([batch_id])[batch_id] == {"total": 40, "completed": 0, "failed": 0}
+
+
+def test_a_tenant_gets_no_more_than_its_room(store):
+    started(store, "t1", 5)
+    started(store, "t2", 5)
+    taken = store.claim("a", 6, 30, {"t1": 1}, 2)
+    assert sorted(item.tenant for item in taken) == ["t1", "t2", "t2"]
+
+
+def test_a_dead_runners_items_are_claimed_again_and_it_cannot_finish_them(store):
+    batch_id = started(store, "t", 2)
+    first = store.claim("dead", 2, 30, {}, 10)
+    assert store.claim("live", 2, 30, {}, 10) == []  # leased
+    with store._session.begin() as session:  # the dead runner's leases run out
+        session.execute(update(ItemRow).values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+    again = store.claim("live", 2, 30, {}, 10)
+    assert [i.id for i in again] == [i.id for i in first] and all(i.attempts == 2 for i in again)
+    assert not store.finish(first[0], "dead", result(first[0], "dead"), 200)  # no longer its lease
+    for item in again:
+        assert store.finish(item, "live", result(item, "live"), 200)
+    assert store.finalize(batch_id, CANCELLED) == "completed"
+    output = store.content("t", store.batch("t", batch_id).output_file_id).decode().splitlines()
+    lines = [json.loads(x) for x in output]
+    assert [x["custom_id"] for x in lines] == ["c0", "c1"] and {x["owner"] for x in lines} == {"live"}
+    assert store.blobs.keys(f"batches/{batch_id}") == []  # the per-item results went into the file
+
+
+def test_renewed_leases_are_not_taken(store):
+    started(store, "t", 1)
+    store.claim("a", 1, 0.2, {}, 10)
+    assert store.renew("a", 30) == 1
+    time.sleep(0.3)
+    assert store.claim("b", 1, 30, {}, 10) == []  # renewed: still a's
+    with store._session.begin() as session:  # a's lease runs out; b takes the item
+        session.execute(update(ItemRow).values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+    assert len(store.claim("b", 1, 30, {}, 10)) == 1
+    assert store.renew("a", 30) == 0 and store.renew("b", 30) == 1  # a holds nothing any more
+
+
+def test_cancel_keeps_what_is_done_and_never_runs_the_rest(store):
+    batch_id = started(store, "t", 5)
+    running = store.claim("a", 2, 30, {}, 10)
+    store.finish(running[0], "a", result(running[0]), 200)
+    store.cancel("t", batch_id)
+    assert store.claim("a", 5, 30, {}, 10) == []  # nothing more starts
+    assert store.finalize(batch_id, CANCELLED) is None  # one is still running
+    store.finish(running[1], "a", result(running[1]), 200)
+    assert store.finalize(batch_id, CANCELLED) == "cancelled"
+    batch = store.batch("t", batch_id)
+    assert store.counts([batch_id])[batch_id] == {"total": 5, "completed": 2, "failed": 3}
+    errors = [json.loads(x) for x in store.content("t", batch.error_file_id).splitlines()]
+    assert [e["custom_id"] for e in errors] == ["c2", "c3", "c4"] and errors[0]["error"] == CANCELLED
+    with pytest.raises(Conflict):
+        store.cancel("t", batch_id)
+
+
+def test_another_tenant_sees_nothing(store):
+    batch_id = started(store, "owner", 1)
+    file_id = store.batch("owner", batch_id).input_file_id
+    for call in (lambda: store.batch("other", batch_id), lambda: store.file("other", file_id),
+                 lambda: store.content("other", file_id), lambda: store.cancel("other", batch_id),
+                 lambda: store.delete_file("other", file_id)):  # fmt: skip
+        with pytest.raises(NotFound):
+            call()
+    assert store.batches("other") == ([], False) and store.files("other") == []
+
+
+def test_batches_are_listed_newest_first_in_pages(store):
+    ids = [started(store, "t", 1) for _ in range(5)]
+    first, more = store.batches("t", limit=2)
+    second, _ = store.batches("t", limit=2, after=first[-1].id)
+    assert more and [b.id for b in first + second] == ids[::-1][:4]
+
+
+def test_a_batch_needs_a_batch_file_and_a_known_window(store):
+    source = store.create_file("t", "in.jsonl", "batch", b"{}\n")
+    with pytest.raises(InvalidParameter, match="completion_window"):
+        store.create_batch("t", source.id, ENDPOINT, "1h", None)
+    with pytest.raises(NotFound):
+        store.create_batch("t", "file-nope", ENDPOINT, "24h", None)
+
+
+def test_migrations_run_once_and_adopt_a_database_made_before_them(database_url):
+    engine = open_database(database_url)
+    open_database(database_url).dispose()  # a second opener finds the schema current
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+    assert {"tenants", "api_keys", "batches", "batch_items", "batch_files"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def test_a_pre_migration_tenants_database_is_adopted(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the schema issue 12 made with create_all, with a tenant in it
+        db.execute("CREATE TABLE tenants (id INTEGER PRIMARY KEY, name VARCHAR(64) UNIQUE, priority VARCHAR(16), "
+                   "weight FLOAT, rpm INTEGER, ipm INTEGER, max_concurrent INTEGER, created_at DATETIME)")  # fmt: skip
+        db.execute("CREATE TABLE api_keys (id VARCHAR(32) PRIMARY KEY, tenant_id INTEGER, sha256 VARCHAR(64), "
+                   "prefix VARCHAR(16), created_at DATETIME, revoked_at DATETIME)")  # fmt: skip
+        db.execute("INSERT INTO tenants VALUES (1, 'old', 'batch', 1.0, NULL, NULL, NULL, '2026-01-01 00:00:00')")
+    from serve.tenancy.store import TenantStore
+
+    with TenantStore(f"sqlite:///{path}") as tenants:
+        assert tenants.tenant("old").priority == "batch"
+
+
+# ---- blobs and signed URLs ----------------------------------------------------------------------------
+def test_blobs_appear_whole_and_a_dead_writers_leftover_is_replaced(tmp_path):
+    blobs = BlobStore(str(tmp_path))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / ".x.tmp").write_bytes(b"half")  # a writer died half-way
+    blobs.write("files/x", b"whole")
+    assert blobs.read("files/x") == b"whole" and blobs.keys() == ["files/x"]
+    with pytest.raises(ValueError):
+        blobs.write("../escape", b"")
+
+
+def test_sweep_deletes_only_old_blobs(tmp_path):
+    blobs = BlobStore(str(tmp_path))
+    blobs.write("images/a/old.png", b"1")
+    blobs.write("images/a/new.png", b"2")
+    old = time.time() - 7200
+    os.utime(tmp_path / "images/a/old.png", (old, old))
+    assert blobs.sweep("images", 3600) == 1 and blobs.keys("images") == ["images/a/new.png"]
+
+
+def test_signed_urls_expire_and_refuse_tampering():
+    signer = UrlSigner(b"k" * 32, ttl_s=60)
+    link = signer.sign("/v1/images/files/o/n.png")
+    path, query = link.split("?")
+    params = dict(part.split("=") for part in query.split("&"))
+    assert signer.check(path, params["expires"], params["signature"]) is None
+    assert signer.check("/v1/images/files/o/other.png", params["expires"], params["signature"]) == "bad signature"
+    assert signer.check(path, str(int(params["expires"]) + 60), params["signature"]) == "bad signature"
+    assert UrlSigner(b"x" * 32, 60).check(path, params["expires"], params["signature"]) == "bad signature"
+    old = signer.sign(path, now=time.time() - 120)
+    expired = dict(part.split("=") for part in old.split("?")[1].split("&"))
+    assert signer.check(path, expired["expires"], expired["signature"]) == "expired"
+
+
+def test_every_process_reads_the_same_signing_secret(database_url):
+    first, second = open_database(database_url), open_database(database_url)
+    assert shared_secret(first, "k") == shared_secret(second, "k") and len(shared_secret(first, "k")) == 32
+    first.dispose()
+    second.dispose()
