@@ -15,16 +15,10 @@ import hashlib
 import hmac
 import logging
 import posixpath
-import secrets
 import time
 from datetime import UTC, datetime
 
 import fsspec
-from sqlalchemy import Engine, String, Text, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
-
-from serve.database import Base
 
 log = logging.getLogger(__name__)
 TMP_SUFFIX = ".tmp"
@@ -51,9 +45,6 @@ class BlobStore:
 
     def read(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
-
-    def exists(self, key: str) -> bool:
-        return self.fs.isfile(self.path(key))
 
     def delete(self, key: str) -> None:
         if self.fs.exists(self.path(key)):
@@ -90,29 +81,6 @@ def _modified(info: dict) -> float:
         if isinstance(value, str):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp()
     return time.time()  # unknown: never swept by mistake
-
-
-class SettingRow(Base):
-    __tablename__ = "app_settings"
-
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)
-
-
-def shared_secret(engine: Engine, name: str) -> bytes:
-    """A secret every process of the application reads alike: made once, kept in the database."""
-    query = select(SettingRow.value).where(SettingRow.name == name)
-    with Session(engine) as session:
-        value = session.scalar(query)
-    if value is None:
-        try:
-            with Session(engine) as session, session.begin():
-                session.add(SettingRow(name=name, value=secrets.token_hex(32)))
-        except IntegrityError:  # another process made it first
-            pass
-        with Session(engine) as session:
-            value = session.scalar(query)
-    return bytes.fromhex(value)
 
 
 class UrlSigner:

@@ -1,6 +1,7 @@
-"""The application's SQL database (tenants and keys, batch files, batches and their items): one
-SQLAlchemy engine per URL, an SQLite file by default or PostgreSQL, and its schema kept by Alembic
-(`serve/migrations`), upgraded to the newest revision whenever a process opens it.
+"""The application's SQL database (tenants and keys, batch files, batches and their items, shared
+secrets such as the URL-signing key): one SQLAlchemy engine per URL, an SQLite file by default or
+PostgreSQL, and its schema kept by Alembic (`serve/migrations`), upgraded to the newest revision
+whenever a process opens it.
 
 SQLite gets `BEGIN IMMEDIATE` for every transaction: a transaction takes the write lock when it starts,
 so two processes never both read a row as free and then both claim it. That is SQLite's equivalent of
@@ -10,14 +11,16 @@ upgrade the schema once."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, text
+from sqlalchemy import DateTime, Engine, String, Text, TypeDecorator, create_engine, event, select, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MIGRATION_LOCK = 0x1F5E_7E5E  # PostgreSQL advisory lock id held while the schema is upgraded
@@ -76,3 +79,26 @@ def migrate(engine: Engine, revision: str = "head") -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+class SettingRow(Base):
+    __tablename__ = "app_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+def shared_secret(engine: Engine, name: str) -> bytes:
+    """A secret every process of the application reads alike: made once, kept in the database."""
+    query = select(SettingRow.value).where(SettingRow.name == name)
+    with Session(engine) as session:
+        value = session.scalar(query)
+    if value is None:
+        try:
+            with Session(engine) as session, session.begin():
+                session.add(SettingRow(name=name, value=secrets.token_hex(32)))
+        except IntegrityError:  # another process made it first
+            pass
+        with Session(engine) as session:
+            value = session.scalar(query)
+    return bytes.fromhex(value)

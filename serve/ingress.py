@@ -14,12 +14,11 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.admission import FairAdmission
 from serve.batch.store import BatchStore
-from serve.blob_store import BlobStore
 from serve.config import ServeConfig
 from serve.database import open_database
 from serve.http_app import build_http_app
 from serve.orchestrator import build_orchestrators, running_replicas
-from serve.served import ImageLinks, url_signer
+from serve.served import ImageLinks
 from serve.tenancy.directory import KeyDirectory
 
 
@@ -42,9 +41,8 @@ class Ingress:
         admission = FairAdmission(limit, self.config.ingress.interactive_reserve) if limit else None
         self.orchestrators = build_orchestrators(self.config, graphs, admission)
         engine = open_database(self.config.tenancy.database)
-        blobs = BlobStore(self.config.storage.url)
-        self.links = ImageLinks(blobs, url_signer(self.config.storage, engine))
-        self.batches = BatchStore(engine, blobs)
+        self.links = ImageLinks.of(self.config.storage, engine)
+        self.batches = BatchStore(engine, self.links.blobs)
         self.deployments = [name for names in self.config.deployment_names() for name in names.values()]
 
     async def ready(self) -> dict[str, int]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from serve.blob_store import BlobStore, UrlSigner, shared_secret
+from serve.blob_store import BlobStore, UrlSigner
 from serve.config import ModelGraph, ServeConfig, StorageConfig, model_slug
+from serve.database import shared_secret
 from serve.openai_api import (
     ImageEditRequestBase,
     ImageRequestBase,
@@ -151,6 +152,11 @@ class ImageLinks:
 
     def __init__(self, blobs: BlobStore, signer: UrlSigner):
         self.blobs, self.signer = blobs, signer
+
+    @classmethod
+    def of(cls, storage: StorageConfig, engine: Engine) -> ImageLinks:
+        """The config's store and the signer every replica shares."""
+        return cls(BlobStore(storage.url), url_signer(storage, engine))
 
     @staticmethod
     def owner(tenant: str) -> str:

@@ -17,9 +17,9 @@ from sqlalchemy import inspect, text, update
 from serve.batch.lines import check_lines
 from serve.batch.store import BatchStore, Conflict, NotFound, jsonl
 from serve.batch.tables import ItemRow
-from serve.blob_store import BlobStore, UrlSigner, shared_secret
+from serve.blob_store import BlobStore, UrlSigner
 from serve.config import parse_config
-from serve.database import open_database
+from serve.database import open_database, shared_secret
 from serve.served import ServedModels
 from stages.errors import InvalidParameter
 

@@ -33,14 +33,13 @@ from ray.serve.handle import DeploymentHandle
 from serve.batch.lines import check_lines
 from serve.batch.store import BatchStore, Claimed
 from serve.batch.tables import CANCELLING, FINALIZING, IN_PROGRESS, VALIDATING
-from serve.blob_store import BlobStore
 from serve.config import ServeConfig
 from serve.database import open_database
 from serve.http_common import failure
 from serve.metrics import batch_metrics, tenant_metrics
 from serve.openai_api import error_body
 from serve.orchestrator import Overloaded, build_orchestrators
-from serve.served import ImageLinks, ServedModels, generate, url_signer
+from serve.served import ImageLinks, ServedModels, generate
 from serve.tenancy.directory import DEFAULT_TENANT
 from serve.tenancy.store import Tenant, TenantStore
 from stages.errors import InvalidParameter, StageFailure
@@ -64,9 +63,8 @@ class BatchRunner:
         self.served = ServedModels.of(self.config, build_orchestrators(self.config, graphs, admission=None))
         self.limits = limits
         engine = open_database(self.config.tenancy.database)
-        blobs = BlobStore(self.config.storage.url)
-        self.store = BatchStore(engine, blobs)
-        self.links = ImageLinks(blobs, url_signer(self.config.storage, engine))
+        self.links = ImageLinks.of(self.config.storage, engine)
+        self.store = BatchStore(engine, self.links.blobs)
         self.tenants = TenantStore(self.config.tenancy.database)
         http = self.config.http
         host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host

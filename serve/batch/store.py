@@ -404,6 +404,3 @@ class BatchStore:
         session.execute(
             update(ItemRow).where(ItemRow.batch_id == batch_id, ItemRow.state == QUEUED).values(state=SKIPPED)
         )
-
-
-__all__ = ["BatchStore", "Claimed", "Conflict", "NotFound", "COMPLETED", "FAILED", "CANCELLED"]
