@@ -11,6 +11,9 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     storage:  {url, url_ttl_s, url_secret_env, public_url, sweep_s}   `url` images and batch files (fsspec)
     batch:    {max_file_bytes, max_lines, max_batch_bytes, max_in_flight, max_in_flight_per_tenant, lease_s,
                poll_s, num_cpus}                                                (OpenAI's Batch API)
+    kuberay:  {name, image, app_dir, ray_version, head_memory, idle_timeout_s, secret, models_claim,
+               store_claim, pools: {<pool>: {accelerator, node_selector, tolerations, replicas_per_node,
+               memory, max_nodes}}}                    the RayService of `ifserve serve-config --kuberay`
     encoder:  {pool, num_cpus, num_gpus, max_batch_size, batch_wait_timeout_s, cache_size, ...}
     stages:   {<stage of the family>: {pool, num_cpus, num_gpus, max_batch_size, mode, cpu_offload, autoscaling, ...}}
     models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
@@ -273,6 +276,36 @@ class BatchConfig(_Strict):
     num_cpus: float = Field(0.1, ge=0)  # the runner's replica: it waits on the graph, encodes PNGs, writes files
 
 
+class KubePool(_Strict):
+    """The Kubernetes nodes of one pool's KubeRay worker group (serve/kuberay.py)."""
+
+    # The GPU product the group's pods ask for: a node selector on NVIDIA GPU feature discovery's
+    # `nvidia.com/gpu.product` label (e.g. NVIDIA-H100-80GB-HBM3); unset, any node with a free GPU.
+    accelerator: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)  # more node labels the pods need
+    # Unset: tolerate the `nvidia.com/gpu` taint when the pool's replicas take GPUs.
+    tolerations: list[dict[str, Any]] | None = None
+    replicas_per_node: int = Field(1, ge=1)  # replicas one pod hosts (it offers this many pool units)
+    memory: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$")  # each pod's memory
+    # Most pods of the group; unset, enough for the most replicas its deployments may scale to.
+    max_nodes: int | None = Field(None, ge=1)
+
+
+class KubeRayConfig(_Strict):
+    """The KubeRay RayService that runs this config (`ifserve serve-config --kuberay`, deploy/kuberay/)."""
+
+    name: str = Field("ifserve", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = "ifserve:latest"  # Ray (ray_version) with this project installed, its files in app_dir
+    app_dir: str = "/app"  # where the image holds this repository (the config file is read from there)
+    ray_version: str = "2.60.0"  # the Ray in the image; KubeRay's autoscaler runs the same version
+    head_memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$")
+    idle_timeout_s: int = Field(300, ge=0)  # an idle worker pod is removed after this
+    secret: str = "ifserve-secrets"  # environment of every pod: API key digests, database URL, URL secret
+    models_claim: str = "ifserve-models"  # PersistentVolumeClaim mounted at the checkpoints' parent folder
+    store_claim: str = "ifserve-store"  # ... and at storage.url when that is a folder (ReadWriteMany)
+    pools: dict[Pool, KubePool] = Field(default_factory=dict)  # a pool left out gets the defaults
+
+
 class ModelGraph(_Strict):
     """One model and its graph's deployments: the text encoder and one per stage of its family."""
 
@@ -336,6 +369,7 @@ class ServeConfig(ModelGraph):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    kuberay: KubeRayConfig = Field(default_factory=KubeRayConfig)
     # More models served beside `model`, each with its own deployments on its own pools; a request picks
     # one by its `model` field (unset: the first model).
     models: list[ModelGraph] = Field(default_factory=list)
@@ -363,6 +397,9 @@ class ServeConfig(ModelGraph):
                     )
                 if self.cluster.resources and replica.pool not in self.cluster.resources:
                     raise ValueError(f"{at}{field}.pool: {replica.pool} is not declared in cluster.resources")
+        for pool in self.kuberay.pools:
+            if pool not in pools:
+                raise ValueError(f"kuberay.pools.{pool}: no deployment runs on this pool")
         if not _is_loopback(self.http.host) and not (self.auth.api_key_sha256 or self.auth.require_key):
             raise ValueError(
                 f"http.host: {self.http.host} listens beyond loopback; API keys are required there "

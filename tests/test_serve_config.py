@@ -73,6 +73,8 @@ BASE = {"model": {"id": "m", "checkpoints": "c"}}
         ({"model": {"id": "m", "checkpoints": "c", "family": "dall-e"}}, "model.family"),
         ({"http": {"host": "0.0.0.0"}}, "http.host"),
         ({"auth": {"api_key_sha256": ["secret"]}}, "auth.api_key_sha256.0"),
+        ({"kuberay": {"pools": {"pool_gpus": {}}}}, "kuberay.pools.pool_gpus"),
+        ({"kuberay": {"pools": {"pool_stage1": {"memory": "lots"}}}}, "kuberay.pools.pool_stage1.memory"),
     ],
 )
 def test_bad_configs_name_the_field(override, param):
