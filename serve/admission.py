@@ -1,4 +1,5 @@
-"""Admission at the ingress: at most `limit` images in the stages at once (`ingress.max_images_in_flight`);
+"""Admission at the ingress. `StageRoom` (below) admits or refuses at the edge, for all ingress replicas
+at once. Then, in each replica: at most `limit` images in the stages at once (`ingress.max_images_in_flight`);
 the rest wait here, ordered by the same policy as every stage's queue (stages/fair_share.py): priority
 class first, then weighted fair share between tenants by cost (an image's steps x pixels over its
 stages), then arrival. So a flood of batch-class images queues behind interactive ones here too.
@@ -8,6 +9,7 @@ need not wait for a batch image to finish when batch work fills every slot."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -64,3 +66,42 @@ class FairAdmission:
                 continue
             self.in_flight += 1
             ticket.request.set_result(None)
+
+
+class StageRoom:
+    """Edge admission: how many images each stage deployment can hold, and how many admitted images still
+    need it, counted once for every ingress replica (in `TenantLimits`). A stage holds what its running
+    replicas take in (`max_ongoing_requests` each) plus its router queue (`max_queued_requests`), less
+    what the batch runner may have there (`reserved`). An image is admitted only when every stage it needs
+    has room for it, counting the images already admitted that have not finished, so one that would be
+    shed is refused before the first stage spends anything, and the queues in front of the stages stay
+    bounded. An admitted image holds its room in every stage until its request ends: simple, and never
+    over-admits. With no replica running (scaled to zero), a stage holds its queue: the first images wake
+    it."""
+
+    def __init__(self, rooms: dict[str, tuple[int, int]], reserved: int = 0):
+        self.rooms = rooms  # deployment -> (max_ongoing_requests per replica, max_queued_requests; -1: none)
+        self.reserved = reserved
+        self.running: dict[str, int] = {}
+        self.load: dict[str, int] = {name: 0 for name in rooms}
+        self.peak: dict[str, int] = {name: 0 for name in rooms}
+
+    def room(self, stage: str) -> float:
+        per_replica, queued = self.rooms[stage]
+        if queued < 0:
+            return math.inf
+        return self.running.get(stage, 0) * per_replica + queued - self.reserved
+
+    def fits(self, stages: list[str], images: int) -> bool:
+        return all(self.load[s] + images <= self.room(s) for s in stages if s in self.rooms)
+
+    def take(self, stages: list[str], images: int) -> None:
+        for stage in stages:
+            if stage in self.rooms:
+                self.load[stage] += images
+                self.peak[stage] = max(self.peak[stage], self.load[stage])
+
+    def give(self, stages: list[str], images: int) -> None:
+        for stage in stages:
+            if stage in self.rooms:
+                self.load[stage] = max(0, self.load[stage] - images)

@@ -14,7 +14,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve.batch.runner import BatchRunner
-from serve.config import ModelGraph, ServeConfig, load_config, where
+from serve.config import FaultsConfig, ModelGraph, ServeConfig, load_config, where
 from serve.deployments import Stage, TextEncoder
 from serve.ingress import Ingress
 from serve.tenancy.limits import TenantLimits
@@ -40,28 +40,34 @@ def _model_options(graph: ModelGraph) -> dict[str, Any]:
     )
 
 
-def build_graph(graph: ModelGraph, names: dict[str, str]) -> dict[str, Application]:
+def build_graph(graph: ModelGraph, names: dict[str, str], faults: FaultsConfig) -> dict[str, Application]:
     """One model's deployments by node ("text_encoder", then each stage), each on its own pool."""
     model = _model_options(graph)
     enc = graph.encoder
+    health = dict(
+        health_check_period_s=faults.health_check_period_s, health_check_timeout_s=faults.health_check_timeout_s
+    )
+    faults_options = faults.model_dump()
     nodes = {
-        "text_encoder": TextEncoder.options(name=names["text_encoder"], **enc.deployment_options()).bind(
+        "text_encoder": TextEncoder.options(name=names["text_encoder"], **enc.deployment_options(), **health).bind(
             model=model,
             max_batch_size=enc.max_batch_size,
             batch_wait_timeout_s=enc.batch_wait_timeout_s,
             cache_size=enc.cache_size,
             max_replicas=enc.autoscaling.max_replicas,
+            faults=faults_options,
         )
     }
     for spec in graph.family.stages:
         stage = graph.stages[spec.name]
-        nodes[spec.name] = Stage.options(name=names[spec.name], **stage.deployment_options()).bind(
+        nodes[spec.name] = Stage.options(name=names[spec.name], **stage.deployment_options(), **health).bind(
             model=model,
             stage=spec.name,
             max_batch_size=stage.max_batch_size,
             mode=stage.mode,
             max_replicas=stage.autoscaling.max_replicas,
             cpu_offload=stage.cpu_offload,
+            faults=faults_options,
         )
     return nodes
 
@@ -69,11 +75,19 @@ def build_graph(graph: ModelGraph, names: dict[str, str]) -> dict[str, Applicati
 def build_app(config: ServeConfig) -> Application:
     """Every model's graph under one HTTP ingress, which routes a request by its `model` field."""
     graphs = {
-        graph.model.id: build_graph(graph, names)
+        graph.model.id: build_graph(graph, names, config.faults)
         for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
     }
     ingress = config.ingress
-    limits = TenantLimits.options(name="TenantLimits").bind(config.tenancy.top_tenants, config.tenancy.lease_s)
+    # Edge admission's room per deployment (serve/admission.py StageRoom), less what batch lines may hold.
+    rooms = {
+        name: (replica.max_ongoing_requests, replica.max_queued_requests)
+        for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
+        for name, (_, replica) in zip(names.values(), graph.replicas(), strict=True)
+    }
+    limits = TenantLimits.options(name="TenantLimits").bind(
+        config.tenancy.top_tenants, config.tenancy.lease_s, rooms, config.batch_in_flight()
+    )
     # The batch runner calls the same graphs as the ingress (Serve deploys each bound deployment once).
     runner = BatchRunner.options(name="BatchRunner", ray_actor_options={"num_cpus": config.batch.num_cpus}).bind(
         config.model_dump(mode="json"), graphs, limits
@@ -84,6 +98,8 @@ def build_app(config: ServeConfig) -> Application:
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
         ray_actor_options={"num_cpus": ingress.num_cpus},
+        graceful_shutdown_timeout_s=config.ingress_drain_s(),
+        graceful_shutdown_wait_loop_s=0.5,
     ).bind(config.model_dump(mode="json"), graphs, limits, runner)
 
 
@@ -126,7 +142,7 @@ def ray_serve_config(config_path: str, config: ServeConfig) -> dict[str, Any]:
     application: the builder and our config file; every deployment option comes from that file."""
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": config.http.host, "port": config.http.port},
+        "http_options": config.http_options(),
         "applications": [
             {
                 "name": APP_NAME,

@@ -186,7 +186,13 @@ def _up(args) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
-    print("shutting down ...", flush=True)
+    print("shutting down: new requests get 503, those in flight finish ...", flush=True)
+    try:
+        left = local_cluster.drain(config, progress=lambda line: print(line, flush=True))
+        if left:
+            print(f"{left} request(s) still in flight after the drain bound", flush=True)
+    except Exception as err:  # noqa: BLE001 - stop anyway
+        print(f"could not drain ({err}); stopping", flush=True)
     local_cluster.stop()
     print("stopped", flush=True)
     return 0

@@ -11,6 +11,8 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     storage:  {url, url_ttl_s, url_secret_env, public_url, sweep_s}   `url` images and batch files (fsspec)
     batch:    {max_file_bytes, max_lines, max_batch_bytes, max_in_flight, max_in_flight_per_tenant, lease_s,
                poll_s, num_cpus}                                                (OpenAI's Batch API)
+    faults:   {timeout_s, max_attempts, retry_backoff_s, health_check_period_s, health_check_timeout_s,
+               stall_factor, min_stall_s, fault_hooks}           deadlines, retries, health checks
     kuberay:  {name, image, app_dir, ray_version, head_memory, idle_timeout_s, secret, models_claim,
                store_claim, pools: {<pool>: {accelerator, node_selector, tolerations, replicas_per_node,
                memory, max_nodes}}}                    the RayService of `ifserve serve-config --kuberay`
@@ -78,6 +80,17 @@ class Replica(_Strict):
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # beyond this the caller gets 503 + Retry-After; -1: no limit
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    # How long one of its requests stays in a replica at the planned load (queue and run); the drain bound
+    # below is derived from it.
+    expected_residence_s: float | None = Field(None, gt=0)
+    # How long a stopping replica (downscale, redeploy, SIGTERM) lets its requests finish before Ray kills
+    # it and the orchestrator retries them elsewhere. Unset: 3 x expected_residence_s + 5 s, or 60 s.
+    graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
+
+    def drain_s(self) -> float:
+        if self.graceful_shutdown_timeout_s is not None:
+            return self.graceful_shutdown_timeout_s
+        return 60.0 if self.expected_residence_s is None else 3 * self.expected_residence_s + 5
 
     def ray_actor_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -91,6 +104,8 @@ class Replica(_Strict):
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
             autoscaling_config=self.autoscaling.ray_config(),
+            graceful_shutdown_timeout_s=self.drain_s(),
+            graceful_shutdown_wait_loop_s=0.5,  # how often a stopping replica looks whether it is idle yet
         )
 
 
@@ -276,6 +291,26 @@ class BatchConfig(_Strict):
     num_cpus: float = Field(0.1, ge=0)  # the runner's replica: it waits on the graph, encodes PNGs, writes files
 
 
+class FaultsConfig(_Strict):
+    """Deadlines, retries and health checks (serve/orchestrator.py, serve/deployments.py)."""
+
+    # Every request's deadline, unless it asks for less (the X-Request-Timeout header, in seconds); past
+    # it, its tasks leave their batches at the next step and the client gets a 504.
+    timeout_s: float = Field(600.0, gt=0)
+    # Tries of an image whose stage replica (or node) died, the first included; each retry starts from that
+    # stage's saved inputs and gives the same image. Past them: 503 with Retry-After.
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(0.5, ge=0)  # waited before the second try; doubled for each further one
+    health_check_period_s: float = Field(10.0, gt=0)  # Ray Serve calls every replica's check_health this often
+    health_check_timeout_s: float = Field(30.0, gt=0)  # ... and replaces one that has not answered in this long
+    # A stage replica whose engine has taken no step on a non-empty batch for stall_factor x its usual step
+    # time (and at least min_stall_s) fails its health check, and Ray replaces it.
+    stall_factor: float = Field(10.0, gt=1)
+    min_stall_s: float = Field(60.0, gt=0)
+    # Tests only: replicas accept `inject_fault` (stage replicas' engine thread stops stepping).
+    fault_hooks: bool = False
+
+
 class KubePool(_Strict):
     """The Kubernetes nodes of one pool's KubeRay worker group (serve/kuberay.py)."""
 
@@ -369,6 +404,7 @@ class ServeConfig(ModelGraph):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     kuberay: KubeRayConfig = Field(default_factory=KubeRayConfig)
     # More models served beside `model`, each with its own deployments on its own pools; a request picks
     # one by its `model` field (unset: the first model).
@@ -424,6 +460,15 @@ class ServeConfig(ModelGraph):
             for stage in graph.stages.values()
         )
         return max(1, min(self.batch.max_in_flight, slots - self.ingress.interactive_reserve))
+
+    def http_options(self) -> dict[str, Any]:
+        """Ray Serve's proxy options: our host and port, and the proxy's own request timeout as a backstop
+        behind the deadline every hop enforces (faults.timeout_s), late enough that the 504 comes first."""
+        return {"host": self.http.host, "port": self.http.port, "request_timeout_s": self.faults.timeout_s + 30}
+
+    def ingress_drain_s(self) -> float:
+        """A stopping ingress replica waits for its requests to pass every stage of the slowest graph."""
+        return max(sum(replica.drain_s() for _, replica in graph.replicas()) for graph in self.graphs) + 5
 
     def deployment_names(self) -> list[dict[str, str]]:
         """Each graph's deployment names by node: its family's titles, unless an earlier graph took one of

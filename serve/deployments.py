@@ -65,15 +65,32 @@ def _stage_options(model: dict, cpu_offload: bool) -> dict:
 
 
 class _LoopReplica:
-    """What both deployments share: the loop's lifecycle and its stats."""
+    """What both deployments share: the loop's lifecycle, its health, its stats and the fault hook."""
 
     loop: StageLoop
     threads: int
     replica: str
+    faults: dict
+
+    def check_health(self) -> None:
+        """Ray Serve calls this every `faults.health_check_period_s`; raising makes Ray replace the
+        replica, and the orchestrator retries the images it held."""
+        problem = self.loop.health(self.faults.get("stall_factor", 10.0), self.faults.get("min_stall_s", 60.0))
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    def inject_fault(self, kind: str = "wedge") -> None:
+        """Tests' fault hook (`faults.fault_hooks`): `wedge` stops the engine thread stepping."""
+        if not self.faults.get("fault_hooks"):
+            raise PermissionError("faults.fault_hooks is off")
+        if kind != "wedge":
+            raise ValueError(f"kind: unknown fault {kind!r} (wedge)")
+        self.loop.wedge()
 
     def stats(self) -> dict:
         return {
             "replica": self.replica,
+            "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "torch_threads": self.threads,
             "stage": self.loop.name,
@@ -97,8 +114,10 @@ class TextEncoder(_LoopReplica):
         batch_wait_timeout_s: float = 0.01,
         cache_size: int = 256,
         max_replicas: int = 1,
+        faults: dict | None = None,
     ):
         self.threads, self.replica = configure_replica()
+        self.faults = faults or {}
         family = get_family(model["family"])
         encoder = family.load_encoder_from(model["checkpoints"], **_encoder_options(model))
         self.metrics = EncoderMetrics(model.get("id", ""))
@@ -116,7 +135,9 @@ class TextEncoder(_LoopReplica):
         self.hits = self.misses = 0
         self._calls = 0
 
-    async def encode(self, prompt: str, negative_prompt: str | None = None, share: dict | None = None) -> Any:
+    async def encode(
+        self, prompt: str, negative_prompt: str | None = None, share: dict | None = None, deadline: float | None = None
+    ) -> Any:
         whose = Share(**share) if share else DEFAULT_SHARE
         key = (whose.tenant, prompt, negative_prompt)
         if key in self.cache:
@@ -127,7 +148,8 @@ class TextEncoder(_LoopReplica):
         self.misses += 1
         self.metrics.prompt(cached=False)
         self._calls += 1
-        embeddings, _ = await self.loop.run(f"encode-{self._calls}", EncodeRequest(prompt, negative_prompt), whose)
+        request = EncodeRequest(prompt, negative_prompt)
+        embeddings, _ = await self.loop.run(f"encode-{self._calls}", request, whose, deadline=deadline)
         if self.cache_size:
             self.cache[key] = embeddings
             while len(self.cache) > self.cache_size:
@@ -158,8 +180,10 @@ class Stage(_LoopReplica):
         mode: str = "step",
         max_replicas: int = 1,
         cpu_offload: bool = False,
+        faults: dict | None = None,
     ):
         self.threads, self.replica = configure_replica()
+        self.faults = faults or {}
         self.family = get_family(model["family"])
         self.spec = self.family.stage(stage)
         self.engine = self.family.load_stage(stage, model["checkpoints"], **_stage_options(model, cpu_offload))
@@ -184,6 +208,7 @@ class Stage(_LoopReplica):
         edit: EditImages | None = None,
         final: bool = False,
         share: dict | None = None,
+        deadline: float | None = None,
     ) -> StageResult:
         request = self.family.stage_request(
             self.spec,
@@ -195,7 +220,9 @@ class Stage(_LoopReplica):
         )
         whose = Share(**share) if share else DEFAULT_SHARE
         # A step's fair-share cost is its pixels: a 1024 px step costs 256x a 64 px one.
-        output, record = await self.loop.run(request_id, request, whose, step_cost=self.spec.output_size**2)
+        output, record = await self.loop.run(
+            request_id, request, whose, step_cost=self.spec.output_size**2, deadline=deadline
+        )
         presented = None
         if final and self.engine.safety is not None:
             loop = asyncio.get_running_loop()

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException
 from serve.batch.routes import batch_routes
 from serve.batch.store import BatchStore
 from serve.config import ServeConfig
-from serve.http_common import ApiError, failure, read_body, read_multipart
+from serve.http_common import ApiError, failure, read_body, read_multipart, requested_timeout
 from serve.metrics import request_metrics, tenant_metrics
 from serve.openai_api import (
     ImageRequestBase,
@@ -179,14 +179,18 @@ def build_http_app(
             raise InvalidParameter(name, "is required: the picture to edit, as a file")
         return found[0] if found else None
 
-    async def admit(tenant: Tenant, model: str, images: int) -> tuple[Decision, Share]:
-        """The tenant's limits, before any work: 429 past one."""
+    async def admit(tenant: Tenant, model: str, images: int, stages: list[str]) -> tuple[Decision, Share]:
+        """The tenant's limits and room in every stage it needs, before any work: 429 past a limit, 503 when
+        a stage is full or the service is draining."""
         if tenant.ipm is not None and images > tenant.ipm:
             raise failure(InvalidParameter("n", f"{images} images exceed this key's limit of {tenant.ipm} a minute"))
-        decision: Decision = await limits.acquire.remote(tenant, images)
+        decision: Decision = await limits.acquire.remote(tenant, images, stages)
         share = Share(tenant.name, tenant.priority, tenant.weight, decision.label)
         if not decision.allowed:
             tenant_metrics().refused(share, decision.limit)
+            if decision.limit in ("overloaded", "draining"):
+                raise ApiError(503, decision.message, kind="server_error", code=decision.limit,
+                               headers=decision.headers)  # fmt: skip
             raise ApiError(
                 429, decision.message, kind=decision.limit, code="rate_limit_exceeded", headers=decision.headers
             )
@@ -198,9 +202,10 @@ def build_http_app(
     ):
         request_id = uuid.uuid4().hex
         tenant: Tenant = request.state.tenant
-        decision, share = await admit(tenant, target.id, len(images))
+        deadline = target.orchestrator.deadline(requested_timeout(request))
+        decision, share = await admit(tenant, target.id, len(images), target.orchestrator.deployments_for(images[0]))
         if body.stream:
-            events = stream_events(target.orchestrator, request_id, images, edit, prefix, share)
+            events = stream_events(target.orchestrator, request_id, images, edit, prefix, share, deadline)
             return StreamingResponse(
                 released(events, decision.lease), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **decision.headers},
@@ -211,7 +216,7 @@ def build_http_app(
             return await asyncio.to_thread(links.save, tenant.name, name, picture, base)
 
         try:
-            response = await generate(target, request_id, body, images, edit, share, publish)
+            response = await generate(target, request_id, body, images, edit, share, publish, deadline)
         except Exception as err:  # noqa: BLE001 - every failure in OpenAI's shape, with the tenant's headers
             error = failure(err)
             error.headers = {**decision.headers, **(error.headers or {})}
@@ -330,6 +335,7 @@ async def stream_events(
     edit: EditImages | None = None,
     prefix: str = "image_generation",
     share: Share = DEFAULT_SHARE,
+    deadline: float | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events in the shape of OpenAI's image streaming: `image_generation.partial_image` for
     each finished stage before the last (with `stage`), then `image_generation.completed`, then `[DONE]`
@@ -352,7 +358,7 @@ async def stream_events(
             partial += 1
 
         try:
-            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage, edit, share)
+            result = await orchestrator.image(f"{request_id}-{index}", params, on_stage, edit, share, deadline)
             await queue.put(await event("completed", result, stages=result.timings(), **safety_fields(result)))
         except asyncio.CancelledError:
             raise

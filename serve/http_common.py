@@ -11,8 +11,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from serve.openai_api import RETRY_AFTER_S, error_response
-from serve.orchestrator import Overloaded
-from stages.errors import InvalidParameter, StageFailure
+from serve.orchestrator import Overloaded, Unavailable
+from stages.errors import DeadlineExceeded, InvalidParameter, StageFailure
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,32 @@ def failure(err: BaseException) -> ApiError:
             503, f"overloaded, retry later: {err}", kind="server_error", code="overloaded",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )  # fmt: skip
+    if isinstance(err, Unavailable):
+        return ApiError(
+            503, f"unavailable, retry later: {err}", kind="server_error", code="unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )  # fmt: skip
+    if isinstance(err, DeadlineExceeded):
+        return ApiError(504, f"the request's deadline passed ({err.stage})", kind="timeout", code="deadline_exceeded")
     if isinstance(err, StageFailure):
         return ApiError(500, str(err), kind="server_error", code="stage_failed")
     log.error("generation failed", exc_info=err)
     return ApiError(500, "internal error", kind="server_error")
+
+
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds: a request's own deadline, when shorter than faults.timeout_s
+
+
+def requested_timeout(request: Request) -> float | None:
+    """The request's `X-Request-Timeout`, if it sent one (400 if it is not a positive number)."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ApiError(400, f"{TIMEOUT_HEADER}: must be a positive number of seconds, not {value!r}",
+                       param=TIMEOUT_HEADER)  # fmt: skip
+    return seconds

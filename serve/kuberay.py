@@ -99,8 +99,8 @@ def _pod(config: ServeConfig, container: dict, pool: KubePool | None = None, gpu
             spec["tolerations"] = [dict(toleration) for toleration in tolerations]
         # The autoscaler (v1 and v2) reclaims idle workers only if Kubernetes never restarts them.
         spec["restartPolicy"] = "Never"
-    # Longer than any stage's drain (Serve's graceful_shutdown_timeout_s), so Kubernetes does not cut it.
-    spec["terminationGracePeriodSeconds"] = 300
+    # Longer than the ingress's drain (which outlasts every stage's), so Kubernetes does not cut it short.
+    spec["terminationGracePeriodSeconds"] = math.ceil(config.ingress_drain_s()) + 30
     return {"metadata": {"labels": dict(APP_LABEL)}, "spec": spec}
 
 

@@ -28,7 +28,7 @@ def start(config: ServeConfig, *, progress=print, metrics_port: int | None = Non
             log_to_driver=False,
             _metrics_export_port=metrics_port,
         )
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(http_options=config.http_options())
     progress("deploying (loading every stage's checkpoint) ...")
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"http://{_display_host(config.http.host)}:{config.http.port}"
@@ -45,6 +45,20 @@ def stop() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def drain(config: ServeConfig, progress=print) -> int:
+    """Refuse new requests (503 + Retry-After) and wait, at most the ingress's drain bound, for those in
+    flight to finish; returns how many were still in flight at the end (0: none lost)."""
+    limits = serve.get_deployment_handle("TenantLimits", app_name=APP_NAME)
+    left = limits.drain.remote().result()
+    deadline = time.monotonic() + config.ingress_drain_s()
+    while left and time.monotonic() < deadline:
+        progress(f"draining: {left} request(s) in flight ...")
+        time.sleep(1.0)
+        left = limits.in_flight.remote().result()["requests"]
+    time.sleep(1.0)  # the last answers leave the proxy
+    return left
 
 
 def wait_ready(url: str, timeout_s: float = 120) -> None:

@@ -185,7 +185,7 @@ class StageMetrics:
     def finished(self, residence_s: float) -> None:
         self.residence.observe(residence_s)
 
-    def ended(self, outcome: str) -> None:  # "cancelled" or "failed"
+    def ended(self, outcome: str) -> None:  # "cancelled", "expired" (its deadline passed) or "failed"
         self.ended_tasks.inc(tags={"outcome": outcome})
 
     def refresh(self, active: int, waiting: int, max_batch: int, max_replicas: int) -> None:

@@ -219,6 +219,9 @@ class Plan:
                     "target_ongoing_requests": float(s.batch),
                 },
             )
+            # A full batch passes in about batch x per-image time; alone, in its latency. Stopping replicas
+            # drain for a multiple of this (Replica.drain_s).
+            node["expected_residence_s"] = round(max(s.latency_s, s.batch * s.image_s), 3)
             if s.name != ENCODER:
                 node["mode"] = "step"
             resources[pool] = float(s.max_replicas)

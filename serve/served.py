@@ -193,10 +193,11 @@ async def generate(
     edit: EditImages | None,
     share: Share,
     publish: Publish,
+    deadline: float | None = None,
 ) -> dict:
     """Run the request through the serving graph; OpenAI's response body (`b64_json`, or `url` through
     `publish`). Errors are the orchestrator's (InvalidParameter, Overloaded, StageFailure)."""
-    results = await target.orchestrator.images(request_id, images, edit, share)
+    results = await target.orchestrator.images(request_id, images, edit, share, deadline)
     data = []
     for i, (params, result) in enumerate(zip(images, results, strict=True)):
         picture = await asyncio.to_thread(final_png, result)

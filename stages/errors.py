@@ -39,3 +39,15 @@ class StageFailure(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.stage, self.phase, self.cause)
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's deadline passed before its work was done; `stage` names where it was dropped."""
+
+    def __init__(self, stage: str, message: str = "the request's deadline passed"):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.message)

@@ -8,6 +8,12 @@ that the loop resolves when the task finishes, fails or is cancelled; a cancelle
 cancellation, and the task leaves the batch before the next step. Every caller gets an answer: a
 failure in one task fails that task (stages/executor.py), and should the loop itself ever die, every
 waiting caller gets its error and later calls are refused at once.
+
+A work order may carry a deadline (seconds since the epoch, so that it means the same in every
+process): past it, the task leaves the batch at the next step and its caller gets `DeadlineExceeded`.
+`health()` says whether the loop is alive and stepping: a dead thread, or one that has made no progress
+on a non-empty batch for `stall_factor` times its usual step time, is unhealthy (a Ray replica fails its
+health check on it and is replaced). `wedge()` is a fault hook for tests: the thread stops stepping.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stages.errors import StageFailure
+from stages.errors import DeadlineExceeded, StageFailure
 from stages.executor import StageExecutor
 from stages.fair_share import BATCH, DEFAULT_SHARE, Share
 from stages.family import StepEngine
@@ -103,19 +109,32 @@ class StageLoop:
         self._wake = threading.Event()
         self._stopped = False
         self._callers: dict[str, _Caller] = {}  # owned by the loop's thread
+        self._deadlines: dict[str, float] = {}  # ... and so are these: epoch seconds, by request id
+        self._expired: set[str] = set()  # cancelled by their deadline: answered with DeadlineExceeded
         self._thread: threading.Thread | None = None
+        self.progressed_at = time.monotonic()  # the last step finished, or the loop last found no work
+        self.step_seconds: float | None = None  # a moving average of step times, once one has run
+        self._wedged = threading.Event()
 
     # ---- called by the callers (any thread's event loop) -------------------------------------------
     async def run(
-        self, request_id: str, request: Any, share: Share = DEFAULT_SHARE, step_cost: float = 1.0
+        self,
+        request_id: str,
+        request: Any,
+        share: Share = DEFAULT_SHARE,
+        step_cost: float = 1.0,
+        deadline: float | None = None,
     ) -> tuple[Any, StageRecord]:
         """The stage's output for one work order, and what the request did here; `share` says whose work
-        it is, `step_cost` what one of its steps costs that tenant's fair share."""
+        it is, `step_cost` what one of its steps costs that tenant's fair share, `deadline` (epoch
+        seconds) when it must have finished."""
         if self.dead is not None:
             raise StageFailure(self.name, "replica", "its engine loop has stopped")
+        if deadline is not None and time.time() >= deadline:
+            raise DeadlineExceeded(self.name)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._post(("submit", request_id, request, _Caller(future, loop), share, step_cost))
+        self._post(("submit", request_id, request, _Caller(future, loop), share, step_cost, deadline))
         try:
             return await future
         except asyncio.CancelledError:
@@ -130,6 +149,24 @@ class StageLoop:
         self._thread = threading.Thread(target=self._thread_main, name=f"{self.name}-engine", daemon=True)
         self._thread.start()
         return self
+
+    def health(self, stall_factor: float = 10.0, min_stall_s: float = 30.0) -> str | None:
+        """None while the loop is alive and stepping; else why not (for a replica's health check)."""
+        if self.dead is not None:
+            return f"{self.name}: the engine loop died ({type(self.dead).__name__})"
+        if self._thread is not None and not self._thread.is_alive():
+            return f"{self.name}: the engine thread has exited"
+        stalled = time.monotonic() - self.progressed_at
+        limit = max(min_stall_s, stall_factor * (self.step_seconds or 0.0))
+        waiting = self.scheduler.has_work or not self._inbox.empty()  # work it holds, or was sent and never took
+        if waiting and stalled > limit:
+            return f"{self.name}: no step for {stalled:.0f} s with work waiting (limit {limit:.0f} s)"
+        return None
+
+    def wedge(self) -> None:
+        """Fault hook (tests): the engine thread stops stepping, as if stuck in a kernel, and stays alive."""
+        self._wedged.set()
+        self._wake.set()
 
     def stop(self) -> None:
         self._stopped = True
@@ -147,10 +184,14 @@ class StageLoop:
             self._priority = ThreadPriority()
         try:
             while not self._stopped:
+                if self._wedged.is_set():
+                    time.sleep(0.1)  # wedged: alive, answering no one
+                    continue
                 self._wake.clear()
                 self._drain()
                 self._refresh()
                 if not self.scheduler.has_work:
+                    self.progressed_at = time.monotonic()
                     self._wake.wait(timeout=self.refresh_s if self.metrics else None)
                     continue
                 if self._gathering():
@@ -172,6 +213,7 @@ class StageLoop:
     def iterate(self) -> bool:
         """Take in what callers posted, then one schedule -> execute -> update; True while work remains."""
         self._drain()
+        self._expire()
         if not self.scheduler.has_work:
             return False
         plan = self.scheduler.schedule()
@@ -181,7 +223,22 @@ class StageLoop:
         result = self.executor.execute(plan)
         end = time.perf_counter()
         self._answer(self.scheduler.update(plan, result), start, end)
+        if plan.tasks:
+            took = end - start
+            self.step_seconds = took if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * took
+        self.progressed_at = time.monotonic()
         return self.scheduler.has_work
+
+    def _expire(self) -> None:
+        """Tasks past their deadline leave now (waiting) or before the next step (running)."""
+        if not self._deadlines:
+            return
+        now = time.time()
+        for request_id, deadline in list(self._deadlines.items()):
+            if now >= deadline:
+                del self._deadlines[request_id]
+                if self.scheduler.cancel(request_id):
+                    self._expired.add(request_id)
 
     def abort(self, err: BaseException) -> None:
         """Fail every caller still waiting: the loop cannot go on."""
@@ -198,13 +255,15 @@ class StageLoop:
             except queue.Empty:
                 return
             if message[0] == "submit":
-                _, request_id, request, caller, share, step_cost = message
+                _, request_id, request, caller, share, step_cost, deadline = message
                 try:
                     self.scheduler.submit(request_id, request, share, step_cost)
                 except ValueError as err:
                     caller.loop.call_soon_threadsafe(_settle, caller.future, None, err)
                     continue
                 self._callers[request_id] = caller
+                if deadline is not None:
+                    self._deadlines[request_id] = deadline
                 self.stats.submitted += 1
                 if self.metrics:
                     self.metrics.arrived_task()
@@ -214,9 +273,11 @@ class StageLoop:
     def _answer(self, report: StageReport, start: float, end: float) -> None:
         for task in report.cancelled:
             self.stats.cancelled += 1
+            expired = task.request_id in self._expired
+            self._expired.discard(task.request_id)
             if self.metrics:
-                self.metrics.ended("cancelled")
-            self._resolve(task.request_id, error=asyncio.CancelledError())
+                self.metrics.ended("expired" if expired else "cancelled")
+            self._resolve(task.request_id, error=DeadlineExceeded(self.name) if expired else asyncio.CancelledError())
         for task in report.started:
             if self.metrics:
                 self.metrics.started(task.first_step_at - task.arrival, task.share)
@@ -268,6 +329,7 @@ class StageLoop:
         self.metrics.refresh(load["running"], load["waiting"], self.scheduler.max_batch_size, self.max_replicas)
 
     def _resolve(self, request_id: str, result: Any = None, error: BaseException | None = None) -> None:
+        self._deadlines.pop(request_id, None)
         caller = self._callers.pop(request_id, None)
         if caller is not None:
             caller.loop.call_soon_threadsafe(_settle, caller.future, result, error)

@@ -132,3 +132,64 @@ def test_the_waiting_queue_is_a_policy(cascade, embeddings):
     requests = [(name, work_order("stage1", i, 1, embeddings)) for i, name in enumerate("abc")]
     _, reports = run(scheduler, StageExecutor(cascade.stages["stage1"]), {0: requests})
     assert [t.request_id for r in reports for t, _ in r.finished] == ["c", "b", "a"]
+
+
+def test_a_task_past_its_deadline_leaves_the_batch_at_the_next_step(cascade, embeddings):
+    """Through StageLoop: the task whose deadline passes mid-run leaves before the next step and its caller
+    gets DeadlineExceeded; its batch-mate finishes; a work order already past its deadline is refused."""
+    import time
+
+    from stages.errors import DeadlineExceeded
+
+    loop = StageLoop(cascade.stages["stage1"], StageScheduler(max_batch_size=4))
+
+    async def scenario():
+        deadline = time.time() + 3600
+        a = asyncio.create_task(loop.run("a", work_order("stage1", 0, 6, embeddings), deadline=deadline))
+        b = asyncio.create_task(loop.run("b", work_order("stage1", 1, 6, embeddings)))
+        await asyncio.sleep(0)
+        loop.iterate()
+        loop.iterate()
+        loop._deadlines["a"] = time.time() - 1  # its deadline passes now
+        while loop.iterate():
+            await asyncio.sleep(0)
+        with pytest.raises(DeadlineExceeded):
+            await loop.run("c", work_order("stage1", 2, 6, embeddings), deadline=time.time() - 1)
+        return await asyncio.gather(a, b, return_exceptions=True)
+
+    (a, (output, record)) = asyncio.run(scenario())
+    assert isinstance(a, DeadlineExceeded) and a.stage == "stage1"
+    assert output.steps == 6 and loop.stats.task_steps == 2 + 2 + 4  # a took 2 steps, then left
+
+
+def test_health_sees_a_wedged_or_dead_engine_thread(cascade, embeddings):
+    """A running loop is healthy; once wedged (the fault hook) it takes no step while work waits, and
+    fails its health check after the stall limit; a loop whose thread died fails at once."""
+    import time
+
+    loop = StageLoop(cascade.stages["stage1"], StageScheduler(max_batch_size=4)).start()
+    try:
+
+        async def one(request_id: str):
+            return await loop.run(request_id, work_order("stage1", 0, 2, embeddings))
+
+        asyncio.run(one("warm"))
+        assert loop.health(stall_factor=10, min_stall_s=0.5) is None
+        loop.wedge()
+        time.sleep(0.3)
+
+        async def stuck():
+            task = asyncio.create_task(one("stuck"))
+            await asyncio.sleep(1.0)
+            health = loop.health(stall_factor=10, min_stall_s=0.5)
+            task.cancel()
+            return health
+
+        problem = asyncio.run(stuck())
+        assert problem is not None and "no step" in problem
+        assert loop.stats.completed == 1  # nothing ran while wedged
+    finally:
+        loop.stop()
+    dead = StageLoop(cascade.stages["stage1"], StageScheduler(max_batch_size=4))
+    dead.abort(RuntimeError("boom"))
+    assert "died" in dead.health()

@@ -1,5 +1,6 @@
 """`ifserve up` as a user runs it: a subprocess that writes the tiny checkpoints into an empty folder,
-starts a local Ray with the pools, serves with API keys required, and shuts down cleanly on SIGINT."""
+starts a local Ray with the pools, serves with API keys required, and on SIGTERM drains (new requests
+get 503 while those in flight finish) and stops cleanly (SIGINT stops the same way)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -16,12 +18,12 @@ import pytest
 import yaml
 
 from serve.config import hash_key
-from tests.serving import ROOT, decode, free_port
+from tests.serving import ROOT, decode, free_port, wait_for
 
 pytestmark = pytest.mark.serve
 
 
-def test_up_serves_with_api_keys_and_stops_cleanly_on_sigint(tmp_path):
+def test_up_serves_with_api_keys_and_drains_on_sigterm(tmp_path):
     config = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     config["auth"] = {"api_key_sha256": [hash_key("sk-test")]}
     config["storage"] = {"url": str(tmp_path / "store")}
@@ -85,7 +87,19 @@ def test_up_serves_with_api_keys_and_stops_cleanly_on_sigint(tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
 
-        process.send_signal(signal.SIGINT)
+        # SIGTERM with work in flight: new requests get 503 while those in flight finish, then it stops.
+        with ThreadPoolExecutor(2) as pool:
+            slow = dict(prompt="a slow kite", size="64x64", stage1_steps=600)
+            in_flight = [pool.submit(httpx.post, route, json=dict(slow, seed=i), headers=keyed, timeout=300)
+                         for i in range(2)]  # fmt: skip
+            time.sleep(2)  # both admitted
+            process.send_signal(signal.SIGTERM)
+            wait_for(lambda: any("shutting down" in line for line in lines), 30, what="the drain to start")
+            refused = httpx.post(route, json=dict(slow, seed=9), headers=keyed, timeout=60)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining", refused.text
+            assert refused.headers["retry-after"]
+            for done in in_flight:
+                assert done.result().status_code == 200, done.result().text
         assert process.wait(timeout=120) == 0, "".join(lines)
         reader.join(timeout=10)
         assert lines[-1].strip() == "stopped"

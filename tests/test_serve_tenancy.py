@@ -5,6 +5,7 @@ OpenAI's x-ratelimit-* headers), a tenant's images hidden from another, and the 
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ def service(request, tiny_checkpoints, tmp_path_factory):
         tmp,
         ingress={"num_replicas": 2},
         tenancy={"database": database, "refresh_s": 0.5},
+        storage={"url_ttl_s": 8, "sweep_s": 1},  # links expire within the test, and the sweep follows
     )
     url = local_cluster.start(config, progress=lambda *_: None)
     yield url, store, keys
@@ -144,8 +146,38 @@ def test_a_tenants_images_are_hidden_from_another_tenant(service):
     other = httpx.get(unsigned, headers={"Authorization": f"Bearer {keys['alice']}"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
     assert httpx.get(unsigned).status_code == 401  # neither signed nor a key
-    # The signed link itself is the capability, as OpenAI's are: it opens without a key.
-    assert httpx.get(link).content == own.content
+    # The signed link itself is the capability, as OpenAI's are: it opens without a key, through either
+    # ingress replica (the proxy spreads these over both; they share the store and the signing secret).
+    assert all(httpx.get(link).content == own.content for _ in range(8))
+
+
+@pytest.mark.parametrize("service", ["sqlite"], indirect=True)  # the store is the same whatever the database
+def test_signed_links_refuse_tampering_and_expire_then_the_sweep_deletes_the_image(service):
+    url, _, keys = service
+    made = post(url, keys["dave"], response_format="url")
+    assert made.status_code == 200, made.text
+    link = made.json()["data"][0]["url"]
+    assert httpx.get(link).status_code == 200
+    path, query = link.split("?")
+    expires = int(re.search(r"expires=(\d+)", query)[1])
+    signature = re.search(r"signature=([0-9a-f]+)", query)[1]
+    forged = [
+        f"{path}?expires={expires}&signature={signature[:-1]}{'0' if signature[-1] != '0' else '1'}",
+        f"{path}?expires={expires + 3600}&signature={signature}",  # a later expiry under the old signature
+        f"{path[:-5]}x.png?expires={expires}&signature={signature}",  # another image
+    ]
+    for bad in forged:
+        refused = httpx.get(bad)
+        assert refused.status_code in (403, 404), (bad, refused.text)
+        if refused.status_code == 403:
+            assert refused.json()["error"]["code"] == "invalid_signature"
+    assert httpx.get(forged[0]).status_code == 403 and httpx.get(forged[1]).status_code == 403
+    # storage.url_ttl_s is 8 s here: then the link is refused as expired ...
+    wait_for(lambda: httpx.get(link).status_code == 403, timeout_s=30, what="the link to expire")
+    assert "expired" in httpx.get(link).json()["error"]["message"]
+    # ... and the sweep (every storage.sweep_s) deletes the image: even its owner's key finds nothing.
+    unsigned = {"Authorization": f"Bearer {keys['dave']}"}
+    wait_for(lambda: httpx.get(path, headers=unsigned).status_code == 404, timeout_s=30, what="the sweep")
 
 
 def test_a_changed_limit_applies_without_a_restart(service):

@@ -158,3 +158,37 @@ def test_interactive_images_may_use_the_reserve_beyond_the_limit():
 
     order, in_flight = asyncio.run(scenario())
     assert in_flight == 2 and order[:2] == ["a0", "i0"] and order[2] == "i1"
+
+
+def test_edge_admission_counts_admitted_images_against_every_stage_they_need():
+    """TenantLimits (its class, outside Serve): a stage holds its running replicas' slots plus its queue,
+    less the batch runner's; a request that would overfill any stage it needs is refused with 503's
+    reason and Retry-After, and takes nothing; ending a request gives its room back; draining refuses all."""
+    from serve.tenancy.limits import TenantLimits
+
+    limits = TenantLimits.func_or_class(rooms={"A": (2, 3), "B": (1, 1), "C": (4, -1)}, reserved=1)
+    limits.stages.running = {"A": 1, "B": 1, "C": 0}
+    limits._refreshed = float("inf")  # no Serve here: keep these counts
+    assert [limits.stages.room(s) for s in "ABC"] == [4, 1, float("inf")]
+    tenant = Tenant("t")
+
+    async def scenario():
+        first = await limits.acquire(tenant, 1, ["A", "B"])
+        full = await limits.acquire(tenant, 1, ["A", "B"])
+        other_path = await limits.acquire(tenant, 3, ["A", "C"])
+        too_many = await limits.acquire(tenant, 1, ["A"])
+        await limits.release(first.lease)
+        after = await limits.acquire(tenant, 1, ["B"])
+        in_flight = await limits.in_flight()
+        waiting = await limits.drain()
+        drained = await limits.acquire(tenant, 1, ["C"])
+        return first, full, other_path, too_many, after, in_flight, waiting, drained
+
+    first, full, other_path, too_many, after, in_flight, waiting, drained = asyncio.run(scenario())
+    assert first.allowed and other_path.allowed and after.allowed
+    assert not full.allowed and full.limit == "overloaded" and full.headers["Retry-After"]
+    assert "B is full" in full.message
+    assert not too_many.allowed and too_many.limit == "overloaded"  # A: 1 + 3 taken of 4
+    assert in_flight["load"] == {"A": 3, "B": 1, "C": 3} and in_flight["peak"]["A"] == 4
+    assert waiting == 2  # other_path and after are still in flight
+    assert not drained.allowed and drained.limit == "draining" and drained.headers["Retry-After"]

@@ -38,11 +38,11 @@ from serve.database import open_database
 from serve.http_common import failure
 from serve.metrics import batch_metrics, tenant_metrics
 from serve.openai_api import error_body
-from serve.orchestrator import Overloaded, build_orchestrators
+from serve.orchestrator import Overloaded, Unavailable, build_orchestrators
 from serve.served import ImageLinks, ServedModels, generate
 from serve.tenancy.directory import DEFAULT_TENANT
 from serve.tenancy.store import Tenant, TenantStore
-from stages.errors import InvalidParameter, StageFailure
+from stages.errors import DeadlineExceeded, InvalidParameter, StageFailure
 from stages.fair_share import BATCH, Share
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class BatchRunner:
             status, payload = 200, response
         except asyncio.CancelledError:
             raise
-        except (Overloaded, StageFailure) as err:
+        except (Overloaded, Unavailable, DeadlineExceeded, StageFailure) as err:
             if item.attempts < MAX_ATTEMPTS:
                 log.warning("batch %s line %d: %s; will retry", item.batch_id, item.line, err)
                 await asyncio.to_thread(self.store.release_item, item, self.owner)

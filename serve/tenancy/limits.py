@@ -10,10 +10,14 @@ released (the replica died) expires after `lease_s`.
 `TenantLimits` is the Ray Serve deployment around it: one replica, so the limits hold however many
 ingress replicas share the load. It also names the tenants in metrics: the top tenants by images
 requested get their own `tenant` label, the rest share `other`, which bounds the label's cardinality.
+Being the one place every request passes first, it also admits at the edge (serve/admission.py's
+`StageRoom`: 503 before any stage work when a stage the request needs is full) and drains: once
+`drain()` is called (`ifserve up` on SIGTERM), every new request is refused while those in flight finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 import time
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
+from serve.admission import StageRoom
+from serve.openai_api import RETRY_AFTER_S
+from serve.orchestrator import running_replicas
 from serve.tenancy.store import Tenant
 
 OTHER = "other"
@@ -51,7 +58,8 @@ class _Bucket:
 class Decision:
     allowed: bool
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-* (and Retry-After when refused)
-    limit: str | None = None  # what refused it: "requests", "images" or "concurrency"
+    # What refused it: "requests", "images" or "concurrency" (429); "overloaded" or "draining" (503).
+    limit: str | None = None
     lease: str | None = None  # to release when the request ends
     label: str = OTHER  # the tenant's name in metrics
 
@@ -59,6 +67,10 @@ class Decision:
     def message(self) -> str:
         if self.limit == "concurrency":
             return "too many requests in flight for this key's tenant; retry when one has finished"
+        if self.limit == "overloaded":
+            return f"overloaded, retry later: {self.headers.get('x-ifserve-full', 'a stage')} is full"
+        if self.limit == "draining":
+            return "the service is shutting down; retry later"
         return f"rate limit reached for {self.limit} per minute; retry after {self.headers.get('Retry-After')} s"
 
 
@@ -135,15 +147,66 @@ def duration(seconds: float) -> str:
 class TenantLimits:
     """The one place the limits are counted (see the module's docstring)."""
 
-    def __init__(self, top_tenants: int = 10, lease_s: float = 3600.0):
+    def __init__(
+        self,
+        top_tenants: int = 10,
+        lease_s: float = 3600.0,
+        rooms: dict[str, tuple[int, int]] | None = None,
+        reserved: int = 0,
+        refresh_s: float = 1.0,
+    ):
         self.limiter = RateLimiter(top_tenants, lease_s)
+        self.stages = StageRoom(rooms or {}, reserved)
+        self.refresh_s = refresh_s
+        self._refreshed = -math.inf
+        self._held: dict[str, tuple[list[str], int]] = {}  # lease -> the stages and images it holds
+        self.draining = False
 
     # async: they run one at a time on the replica's event loop, never on two threads at once.
-    async def acquire(self, tenant: Tenant, images: int) -> Decision:
-        return self.limiter.acquire(tenant, images)
+    async def acquire(self, tenant: Tenant, images: int, stages: list[str] | None = None) -> Decision:
+        """The tenant's limits, and room for `images` in every one of `stages` (deployment names)."""
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if self.draining:
+            return Decision(False, retry, "draining", label=self.limiter.label(tenant.name))
+        stages = stages or []
+        await self._refresh_running()
+        if not self.stages.fits(stages, images):
+            full = next(s for s in stages if s in self.stages.rooms and not self.stages.fits([s], images))
+            headers = {**retry, "x-ifserve-full": full}
+            return Decision(False, headers, "overloaded", label=self.limiter.label(tenant.name))
+        decision = self.limiter.acquire(tenant, images)
+        for lease in [lease for lease in self._held if lease not in self.limiter._leases]:  # expired
+            self.stages.give(*self._held.pop(lease))
+        if decision.allowed and decision.lease:
+            self.stages.take(stages, images)
+            self._held[decision.lease] = (stages, images)
+        return decision
 
     async def release(self, lease: str | None) -> None:
         self.limiter.release(lease)
+        if lease in self._held:
+            self.stages.give(*self._held.pop(lease))
+
+    async def drain(self) -> int:
+        """Refuse every new request from now on; the requests in flight, which the caller waits for."""
+        self.draining = True
+        return len(self.limiter._leases)
+
+    async def in_flight(self) -> dict:
+        """Requests admitted and not ended, and each stage's admitted images (now and at most)."""
+        return {"requests": len(self.limiter._leases), "load": dict(self.stages.load), "peak": dict(self.stages.peak),
+                "room": {s: self.stages.room(s) for s in self.stages.rooms}}  # fmt: skip
+
+    async def _refresh_running(self) -> None:
+        if not self.stages.rooms or time.monotonic() - self._refreshed < self.refresh_s:
+            return
+        self._refreshed = time.monotonic()
+        try:
+            status = await asyncio.to_thread(serve.status)
+            app = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - keep the last counts; outside Serve there are none
+            return
+        self.stages.running = running_replicas(status, app, list(self.stages.rooms))
 
     async def label(self, tenant: str) -> str:
         """The tenant's name in metrics (`other` past the top tenants): for work no request admitted."""
