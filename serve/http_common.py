@@ -83,7 +83,8 @@ def failure(err: BaseException) -> ApiError:
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )  # fmt: skip
     if isinstance(err, DeadlineExceeded):
-        return ApiError(504, f"the request's deadline passed ({err.stage})", kind="timeout", code="deadline_exceeded")
+        return ApiError(504, f"the request's deadline passed ({err.stage})", kind="timeout", code="deadline_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
     if isinstance(err, StageFailure):
         return ApiError(500, str(err), kind="server_error", code="stage_failed")
     log.error("generation failed", exc_info=err)

@@ -24,6 +24,7 @@ def url(tiny_checkpoints, tmp_path_factory):
     config = serving_config(
         tiny_checkpoints,
         tmp_path_factory.mktemp("serve-scaling"),
+        ingress={"num_replicas": 2},  # the edge's bounds hold for both: they are counted in one place
         stages={
             # Grows to 2 replicas when more than one request per replica is in flight.
             "stage1": {
