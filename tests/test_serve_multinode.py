@@ -53,7 +53,9 @@ def cluster(tiny_checkpoints, tmp_path_factory):
     nodes: dict[str, list] = {pool: [] for pool in POOLS.values()}
     for pool in POOLS.values():
         for _ in range(2 if pool == "pool_stage2" else 1):  # stage II's pool: two nodes, one can go
-            nodes[pool].append(cluster.add_node(**NODE, resources={pool: 2}))
+            # A spare CPU: replicas without a pool (ingress, limits, runner) may land on any node, and the
+            # replacement of a removed node's replica must still fit beside the other one.
+            nodes[pool].append(cluster.add_node(**dict(NODE, num_cpus=3), resources={pool: 2}))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     drain = {"graceful_shutdown_timeout_s": 3}
