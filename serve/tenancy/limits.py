@@ -118,6 +118,15 @@ class RateLimiter:
     def release(self, lease: str | None) -> None:
         self._leases.pop(lease, None)
 
+    def holds(self, lease: str) -> bool:
+        """Whether the lease is still taken (neither released nor expired)."""
+        return lease in self._leases
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not ended, all tenants."""
+        return len(self._leases)
+
     def label(self, tenant: str) -> str:
         top = heapq.nlargest(self.top_tenants, self._traffic.items(), key=lambda item: (item[1], item[0]))
         return tenant if any(name == tenant for name, _ in top) else OTHER
@@ -175,7 +184,7 @@ class TenantLimits:
             headers = {**retry, "x-ifserve-full": full}
             return Decision(False, headers, "overloaded", label=self.limiter.label(tenant.name))
         decision = self.limiter.acquire(tenant, images)
-        for lease in [lease for lease in self._held if lease not in self.limiter._leases]:  # expired
+        for lease in [lease for lease in self._held if not self.limiter.holds(lease)]:  # expired
             self.stages.give(*self._held.pop(lease))
         if decision.allowed and decision.lease:
             self.stages.take(stages, images)
@@ -190,11 +199,11 @@ class TenantLimits:
     async def drain(self) -> int:
         """Refuse every new request from now on; the requests in flight, which the caller waits for."""
         self.draining = True
-        return len(self.limiter._leases)
+        return self.limiter.in_flight
 
     async def in_flight(self) -> dict:
         """Requests admitted and not ended, and each stage's admitted images (now and at most)."""
-        return {"requests": len(self.limiter._leases), "load": dict(self.stages.load), "peak": dict(self.stages.peak),
+        return {"requests": self.limiter.in_flight, "load": dict(self.stages.load), "peak": dict(self.stages.peak),
                 "room": {s: self.stages.room(s) for s in self.stages.rooms}}  # fmt: skip
 
     async def _refresh_running(self) -> None:
