@@ -88,8 +88,10 @@ def test_up_serves_with_api_keys_and_drains_on_sigterm(tmp_path):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
 
         # SIGTERM with work in flight: new requests get 503 while those in flight finish, then it stops.
+        # The work (10-20 s here) must fit the drain bound that local.yaml's expected residences give
+        # (about 70 s); 600 steps took 66 s on this box, and the drain cut them off.
         with ThreadPoolExecutor(2) as pool:
-            slow = dict(prompt="a slow kite", size="64x64", stage1_steps=600)
+            slow = dict(prompt="a slow kite", size="64x64", stage1_steps=150)
             in_flight = [pool.submit(httpx.post, route, json=dict(slow, seed=i), headers=keyed, timeout=300)
                          for i in range(2)]  # fmt: skip
             time.sleep(2)  # both admitted
@@ -106,6 +108,7 @@ def test_up_serves_with_api_keys_and_drains_on_sigterm(tmp_path):
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz", timeout=5)
     finally:
+        print("".join(lines))  # `ifserve up`'s own output, shown by pytest when the test fails
         if process.poll() is None:
             process.kill()
             subprocess.run(["ray", "stop", "--force"], capture_output=True)

@@ -259,3 +259,23 @@ def test_batch_lines_in_flight_leave_the_interactive_reserve_free():
     one_slot = {**data["stages"]["stage2"], "max_ongoing_requests": 1, "max_batch_size": 1,
                 "autoscaling": {"min_replicas": 0, "max_replicas": 2, "initial_replicas": 0}}  # fmt: skip
     assert parse_config({**data, "stages": {**data["stages"], "stage2": one_slot}}).batch_in_flight() == 1
+
+
+def test_drain_bounds_come_from_each_stages_expected_residence():
+    """A stopping stage replica waits 3x its expected residence + 5 s (an explicit timeout wins; 60 s
+    without either); the ingress waits for the slowest graph's stages in turn, and Ray gets both."""
+    data = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    shipped = parse_config(data)
+    stage3 = shipped.stages["stage3"]
+    assert stage3.drain_s() == pytest.approx(3 * data["stages"]["stage3"]["expected_residence_s"] + 5)
+    assert stage3.deployment_options()["graceful_shutdown_timeout_s"] == stage3.drain_s()
+    stages = [shipped.encoder, *shipped.stages.values()]
+    assert shipped.ingress_drain_s() == pytest.approx(sum(replica.drain_s() for replica in stages) + 5)
+    app = build_app(shipped)
+    assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == shipped.ingress_drain_s()
+
+    explicit = {**data["stages"]["stage3"], "graceful_shutdown_timeout_s": 12}
+    unplanned = {k: v for k, v in data["stages"]["stage1"].items() if k != "expected_residence_s"}
+    changed = parse_config({**data, "stages": {**data["stages"], "stage1": unplanned, "stage3": explicit}})
+    assert changed.stages["stage3"].drain_s() == 12 and changed.stages["stage1"].drain_s() == 60
+    assert changed.ingress_drain_s() > shipped.ingress_drain_s()  # an unplanned stage waits longer
