@@ -1,7 +1,8 @@
 """`ifserve batch`: OpenAI's Batch API from the command line, through the official `openai` client (so
 it works against any server of the same API).
 
-    ifserve batch submit FILE.jsonl [--metadata KEY=VALUE ...] [--wait]   (prints the batch id last)
+    ifserve batch submit FILE.jsonl [--endpoint /v1/images/edits] [--metadata KEY=VALUE ...] [--wait]
+        (prints the batch id last)
     ifserve batch status ID [--wait]
     ifserve batch results ID --out DIR      (PNG files named by custom_id; failures in DIR/errors.jsonl)
     ifserve batch cancel ID
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ENDPOINT = "/v1/images/generations"
+ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
 ENDED = ("completed", "failed", "cancelled", "expired")
 
 
@@ -28,6 +29,8 @@ def add_parsers(sub) -> None:
     actions = batch.add_subparsers(dest="action", required=True)
     submit = actions.add_parser("submit", help="upload a JSONL file of image requests and start a batch")
     submit.add_argument("file", type=Path, help="one request per line: {custom_id, method, url, body}")
+    submit.add_argument("--endpoint", choices=ENDPOINTS, default=ENDPOINTS[0],
+                        help="the endpoint every line calls (its `url`)")  # fmt: skip
     submit.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--wait", action="store_true", help="follow it with a progress bar until it ends")
     status = actions.add_parser("status", help="a batch's status and counts")
@@ -136,7 +139,7 @@ def batch(args: argparse.Namespace) -> int:
             with args.file.open("rb") as handle:
                 source = client.files.create(file=(args.file.name, handle), purpose="batch")
             created = client.batches.create(
-                input_file_id=source.id, endpoint=ENDPOINT, completion_window="24h", metadata=metadata
+                input_file_id=source.id, endpoint=args.endpoint, completion_window="24h", metadata=metadata
             )
             print(f"uploaded {args.file} as {source.id}; created {created.id}", file=sys.stderr)
             if args.wait:

@@ -16,7 +16,7 @@ from sqlalchemy import inspect, text, update
 
 from serve.batch.lines import check_lines
 from serve.batch.store import BatchStore, Conflict, NotFound, jsonl
-from serve.batch.tables import ItemRow
+from serve.batch.tables import BatchRow, ItemRow
 from serve.blob_store import BlobStore, UrlSigner
 from serve.config import parse_config
 from serve.database import open_database, shared_secret
@@ -133,6 +133,23 @@ def test_a_dead_runners_items_are_claimed_again_and_it_cannot_finish_them(store)
     assert store.blobs.keys(f"batches/{batch_id}") == []  # the per-item results went into the file
 
 
+def test_a_stale_holder_finishing_late_does_not_overwrite_the_result(store):
+    """The dead runner comes back after the live one finished the item: its result is dropped, not
+    written over the one the database counts."""
+    batch_id = started(store, "t", 1)
+    (stale,) = store.claim("slow", 1, 30, {}, 10)
+    with store._session.begin() as session:
+        session.execute(update(ItemRow).values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+    (fresh,) = store.claim("live", 1, 30, {}, 10)
+    assert store.finish(fresh, "live", result(fresh, "live"), 200)
+    failed = {**result(stale, "slow"), "response": {"status_code": 500, "body": {}}}
+    assert not store.finish(stale, "slow", failed, 500)
+    assert store.finalize(batch_id, CANCELLED) == "completed"
+    (output,) = store.content("t", store.batch("t", batch_id).output_file_id).splitlines()
+    assert json.loads(output)["owner"] == "live"
+    assert store.counts([batch_id])[batch_id] == {"total": 1, "completed": 1, "failed": 0}
+
+
 def test_renewed_leases_are_not_taken(store):
     started(store, "t", 1)
     store.claim("a", 1, 0.2, {}, 10)
@@ -160,6 +177,42 @@ def test_cancel_keeps_what_is_done_and_never_runs_the_rest(store):
     assert [e["custom_id"] for e in errors] == ["c2", "c3", "c4"] and errors[0]["error"] == CANCELLED
     with pytest.raises(Conflict):
         store.cancel("t", batch_id)
+
+
+def test_a_cancelled_batch_ends_though_its_running_items_are_handed_back_or_abandoned(store):
+    """Cancelled while three items run: one is handed back (its stage shed it), one's runner stops and
+    hands it back, one's runner dies. None of them is queued again, and the batch ends `cancelled`."""
+    batch_id = started(store, "t", 4)
+    shed, stopped, abandoned = (
+        store.claim("a", 1, 30, {}, 10) + store.claim("b", 1, 30, {}, 10) + store.claim("dead", 1, 30, {}, 10)
+    )
+    store.cancel("t", batch_id)
+    store.release_item(shed, "a")
+    assert store.release("b") == 1
+    assert store.skip_abandoned() == 0  # the dead runner's lease has not run out yet
+    assert store.finalize(batch_id, CANCELLED) is None
+    with store._session.begin() as session:
+        session.execute(update(ItemRow).where(ItemRow.id == abandoned.id).values(
+            lease_until=datetime.now(UTC) - timedelta(seconds=1)))  # fmt: skip
+    assert store.skip_abandoned() == 1
+    assert store.claim("c", 4, 30, {}, 10) == []
+    assert store.finalize(batch_id, CANCELLED) == "cancelled"
+    assert store.counts([batch_id])[batch_id] == {"total": 4, "completed": 0, "failed": 4}
+
+
+def test_an_expired_batch_runs_nothing_more(store):
+    batch_id = started(store, "t", 3)
+    (running,) = store.claim("a", 1, 30, {}, 10)
+    with store._session.begin() as session:
+        session.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
+            expires_at=datetime.now(UTC) - timedelta(seconds=1)))  # fmt: skip
+    assert store.expire_overdue() == [batch_id]
+    assert store.claim("a", 3, 30, {}, 10) == []
+    store.release_item(running, "a")  # handed back past the window: skipped, not queued
+    assert store.finalize(batch_id, {"code": "batch_expired", "message": "expired"}) == "expired"
+    batch = store.batch("t", batch_id)
+    assert batch.status == "expired" and batch.expired_at is not None
+    assert store.counts([batch_id])[batch_id] == {"total": 3, "completed": 0, "failed": 3}
 
 
 def test_another_tenant_sees_nothing(store):

@@ -19,7 +19,7 @@ import openai
 import pytest
 import ray
 from ray import serve
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from serve import local_cluster
@@ -214,8 +214,13 @@ def restart_app(service: Service) -> None:
 
 
 def restart_ray(service: Service) -> None:
-    local_cluster.stop()
+    """The whole cluster goes at once, with no Serve shutdown first (so no replica hands its work back:
+    the runner's leases must run out), and a new one starts with the same database and store."""
+    ray.shutdown()
     assert not ray.is_initialized()
+    with Session(service.engine) as session:  # the dead runner's lines are still leased to it
+        held = session.scalar(select(func.count()).where(ItemRow.state == "running", ItemRow.lease_owner.is_not(None)))
+    assert held, "the lines in flight were handed back: that was a shutdown, not a crash"
     local_cluster.start(service.config, progress=lambda *_: None)
 
 
@@ -224,6 +229,11 @@ CRASHES = {
     "restart the app": restart_app,
     "restart Ray": restart_ray,
 }
+
+
+def attempts(service: Service, batch_id: str) -> Counter:
+    with Session(service.engine) as session:
+        return Counter(session.scalars(select(ItemRow.attempts).where(ItemRow.batch_id == batch_id)))
 
 
 @pytest.mark.parametrize("crash", list(CRASHES))
@@ -238,6 +248,8 @@ def test_a_crash_mid_batch_loses_and_repeats_nothing(service, reference_pipes, c
     done = finished(client, batch.id)
     assert before < len(bodies), "the batch ended before the crash; make it longer"
     check_exactly_once(service, client, done, bodies, reference_pipes)
+    tries = attempts(service, batch.id)
+    assert max(tries) >= 2, f"no line was interrupted by the crash and run again: {tries}"
 
 
 def test_cancel_keeps_what_is_done_and_runs_nothing_more(service):
@@ -357,5 +369,25 @@ def test_the_cli_submits_follows_and_writes_pngs_named_by_custom_id(service, tmp
         assert np.array_equal(written, picture(outputs[custom_id]["response"]["body"]["data"][0]))
     assert main(["batch", "cancel", batch_id, *flags]) == 1  # already completed
     assert "error 409" in capsys.readouterr().err
+
+    edits = tmp_path / "edits.jsonl"
+    from tests.test_edits import picture as test_picture
+    from tests.test_edits import png
+
+    encoded = base64.b64encode(png(test_picture())).decode()
+    edit = {"prompt": "a harbour", "size": "64x64", "seed": 5, "stage1_steps": 2, "strength": 0.5, "image": encoded}
+    edits.write_bytes(jsonl([{"custom_id": "edit", "method": "POST", "url": "/v1/images/edits", "body": edit}]))
+    assert main(["batch", "submit", str(edits), "--endpoint", "/v1/images/edits", "--wait", *flags]) == 0
+    edit_batch = client.batches.retrieve(capsys.readouterr().out.strip().splitlines()[-1])
+    assert edit_batch.endpoint == "/v1/images/edits" and edit_batch.request_counts.completed == 1
+
+    long = tmp_path / "long.jsonl"
+    long.write_bytes(jsonl([{"custom_id": f"l{i}", "method": "POST", "url": ENDPOINT, "body": body(i)}
+                            for i in range(8)]))  # fmt: skip
+    assert main(["batch", "submit", str(long), *flags]) == 0
+    long_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["batch", "cancel", long_id, *flags]) == 0
+    assert f"{long_id}  cancel" in capsys.readouterr().out  # cancelling, or already cancelled
+    assert finished(client, long_id).status == "cancelled"
     assert main(["batch", "status", "batch_nope", *flags]) == 1
     assert "batch_id: no batch" in capsys.readouterr().err

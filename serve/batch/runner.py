@@ -116,6 +116,7 @@ class BatchRunner:
         for row in await asyncio.to_thread(self.store.with_status, VALIDATING):
             await asyncio.to_thread(self._validate, row.id, row.input_file_id, row.tenant, row.endpoint)
         await asyncio.to_thread(self.store.expire_overdue)
+        await asyncio.to_thread(self.store.skip_abandoned)
         if now - self.last_renew > self.batch.lease_s / 3:
             await asyncio.to_thread(self.store.renew, self.owner, self.batch.lease_s)
             self.last_renew = now

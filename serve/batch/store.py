@@ -7,8 +7,10 @@ without its blob; rows are deleted before their blobs for the same reason.
 Items are claimed with a lease: `SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL (two runners never
 take the same row and never wait for each other), `BEGIN IMMEDIATE` on SQLite (serve/database.py). A
 runner renews its leases while it works; a dead runner's items are claimed again once theirs run out.
-An item's result is written (write-then-rename) before the item is marked done, and only by the lease's
-holder, so each input line ends with exactly one result, whichever runner finished it.
+An item's result is written (write-then-rename) by the lease's holder while its row is locked, then the
+item is marked done in the same transaction, so each input line ends with exactly one result, whichever
+runner finished it. Items of a stopping batch (cancelled, or past its window) that are handed back, or
+whose runner died, are skipped rather than queued, so the batch always ends.
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def result_key(batch_id: str, line: int) -> str:
 
 def file_key(file_id: str) -> str:
     return f"files/{file_id}"
+
+
+def _stopping():
+    """The ids of batches that run nothing more: cancelled, or past their completion window."""
+    return select(BatchRow.id).where(or_(BatchRow.status == CANCELLING, BatchRow.expired_at.is_not(None)))
 
 
 def jsonl(lines: list[dict]) -> bytes:
@@ -264,7 +271,7 @@ class BatchStore:
         claimable = (
             select(ItemRow)
             .join(BatchRow, BatchRow.id == ItemRow.batch_id)
-            .where(BatchRow.status == IN_PROGRESS)
+            .where(BatchRow.status == IN_PROGRESS, BatchRow.expired_at.is_(None))
             .where(or_(ItemRow.state == QUEUED, (ItemRow.state == RUNNING) & (ItemRow.lease_until < now)))
         )
         taken: list[Claimed] = []
@@ -299,36 +306,42 @@ class BatchStore:
             return result.rowcount
 
     def finish(self, item: Claimed, owner: str, line: dict, status_code: int | None) -> bool:
-        """Write the item's result line, then mark it done if `owner` still holds it (False otherwise: its
-        lease ran out and another runner has it; that runner writes the same key)."""
-        self.blobs.write(result_key(item.batch_id, item.line), jsonl([line]))
+        """Write the item's result line and mark it done, if `owner` still holds it (False otherwise: its
+        lease ran out and another runner took it, whose result stands). The row stays locked from the check
+        to the commit, so no other runner can take it in between and no stale result overwrites one."""
         state = SUCCEEDED if status_code == 200 else ERRORED
         with self._session.begin() as session:
-            result = session.execute(
-                update(ItemRow)
+            held = session.scalar(
+                select(ItemRow)
                 .where(ItemRow.id == item.id, ItemRow.lease_owner == owner, ItemRow.state == RUNNING)
-                .values(state=state, status_code=status_code, lease_owner=None, lease_until=None)
+                .with_for_update()
             )
-            return result.rowcount == 1
+            if held is None:
+                return False
+            self.blobs.write(result_key(item.batch_id, item.line), jsonl([line]))
+            held.state, held.status_code, held.lease_owner, held.lease_until = state, status_code, None, None
+        return True
 
     def release(self, owner: str) -> int:
         """Hand `owner`'s unfinished items back (a runner shutting down), so others take them at once."""
         with self._session.begin() as session:
-            result = session.execute(
-                update(ItemRow)
-                .where(ItemRow.lease_owner == owner, ItemRow.state == RUNNING)
-                .values(state=QUEUED, lease_owner=None, lease_until=None)
-            )
-            return result.rowcount
+            return self._hand_back(session, (ItemRow.lease_owner == owner) & (ItemRow.state == RUNNING))
 
     def release_item(self, item: Claimed, owner: str) -> None:
         """Hand one item back to the queue (its stage shed it or failed: tried again later)."""
         with self._session.begin() as session:
-            session.execute(
-                update(ItemRow)
-                .where(ItemRow.id == item.id, ItemRow.lease_owner == owner, ItemRow.state == RUNNING)
-                .values(state=QUEUED, lease_owner=None, lease_until=None)
+            self._hand_back(
+                session, (ItemRow.id == item.id) & (ItemRow.lease_owner == owner) & (ItemRow.state == RUNNING)
             )
+
+    def _hand_back(self, session: Session, which) -> int:
+        """The items back in the queue, or skipped where their batch is stopping (cancelled or past its
+        window): nothing would claim them there, and the batch could never end."""
+        free = dict(lease_owner=None, lease_until=None)
+        stopping = ItemRow.batch_id.in_(_stopping())
+        skipped = session.execute(update(ItemRow).where(which, stopping).values(state=SKIPPED, **free)).rowcount
+        queued = session.execute(update(ItemRow).where(which).values(state=QUEUED, **free)).rowcount
+        return skipped + queued
 
     def expire_overdue(self) -> list[str]:
         """Batches past their completion window stop: their unclaimed items are skipped."""
@@ -340,6 +353,16 @@ class BatchStore:
                 row.expired_at = _now()  # `expired` once the items in flight are done (finalize)
                 self._skip_queued(session, row.id)
             return [row.id for row in rows]
+
+    def skip_abandoned(self) -> int:
+        """Items of stopping batches (cancelled, or past their window) whose runner died holding them: their
+        leases ran out, and nothing will claim them again, so they are skipped and their batch can end."""
+        with self._session.begin() as session:
+            return session.execute(
+                update(ItemRow)
+                .where(ItemRow.batch_id.in_(_stopping()), ItemRow.state == RUNNING, ItemRow.lease_until < _now())
+                .values(state=SKIPPED, lease_owner=None, lease_until=None)
+            ).rowcount
 
     def unfinished(self, batch_id: str) -> int:
         """Items still queued or running."""
