@@ -306,7 +306,9 @@ def build_http_app(
         except FileNotFoundError:
             raise ApiError(404, f"name: no image {name!r} (expired images are deleted)", param="name",
                            code="not_found") from None  # fmt: skip
-        return Response(picture, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        # A browser keeps it no longer than its link lasts (the store's TTL when opened with a key).
+        lasts = int(expires) - int(time.time()) if expires is not None else int(config.storage.url_ttl_s)
+        return Response(picture, media_type="image/png", headers={"Cache-Control": f"private, max-age={max(0, lasts)}"})
 
     api.include_router(batch_routes(config, batches, wake_runner))
     app.include_router(api)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fastapi import FastAPI
 from ray import serve
@@ -48,6 +49,15 @@ class Ingress:
     async def ready(self) -> dict[str, int]:
         status = await asyncio.to_thread(serve.status)
         return running_replicas(status, serve.get_replica_context().app_name, self.deployments)
+
+    async def stats(self) -> dict:
+        """This replica's retries by model and failed stage, and the images it gave up on (tests, ops)."""
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "retries": {model: dict(o.retries) for model, o in self.orchestrators.items()},
+            "given_up": {model: o.given_up for model, o in self.orchestrators.items()},
+        }
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(

@@ -265,6 +265,25 @@ class RequestMetrics:
         self.requests.inc(tags=tags)
 
 
+class RetryMetrics:
+    """Images tried again after a stage call failed with its replica, worker or node (serve/orchestrator.py),
+    by model, the stage that failed and why (the error's type: a handful of Ray's)."""
+
+    def __init__(self):
+        self.retries = metrics.Counter(
+            "ifserve_image_retries", "Images tried again after a stage's replica, worker or node failed.",
+            tag_keys=("model", "stage", "cause"),
+        )  # fmt: skip
+
+    def retried(self, model: str, stage: str, cause: str) -> None:
+        self.retries.inc(tags={"model": model, "stage": stage, "cause": cause})
+
+
+@lru_cache(maxsize=1)
+def retry_metrics() -> RetryMetrics:
+    return RetryMetrics()
+
+
 class TenantMetrics:
     """The ingress's per-tenant counts: images admitted and requests refused by a rate limit."""
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
@@ -37,6 +38,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from serve.admission import FairAdmission
 from serve.config import FaultsConfig, ServeConfig
+from serve.metrics import retry_metrics
 from stages.errors import DeadlineExceeded, InvalidParameter, StageFailure
 from stages.fair_share import DEFAULT_SHARE, Share
 from stages.family import ModelFamily, StageSpec
@@ -149,6 +151,7 @@ class Orchestrator:
         admission: FairAdmission | None = None,
         faults: FaultsConfig | None = None,
         names: dict[str, str] | None = None,
+        model: str = "",
     ):
         self.family = family
         self.names = names or {}  # deployment names by node ("text_encoder", then each stage)
@@ -159,6 +162,10 @@ class Orchestrator:
         # wait here in fair order: on a CPU more work in flight only slices the cores thinner.
         self.admission = admission
         self.faults = faults or FaultsConfig()
+        self.model = model
+        # Retries by the stage that failed, and images given up on (Unavailable), in this process.
+        self.retries: Counter[str] = Counter()
+        self.given_up = 0
 
     def deployments_for(self, params: RequestParams) -> list[str]:
         """The deployments an image with these parameters passes through (for edge admission)."""
@@ -218,6 +225,9 @@ class Orchestrator:
                 restart = await self._forget_failed(run.done, run.order, deadline)
                 log.warning("%s: %s (%s) on attempt %d of %d; trying again from %s", request_id, run.current, cause,
                             attempt + 1, self.faults.max_attempts, restart)  # fmt: skip
+                self.retries[restart] += 1  # the stage whose output failed or was lost: where it starts again
+                retry_metrics().retried(self.model, restart, cause)
+        self.given_up += 1
         raise Unavailable(f"{run.current}: its replicas failed {self.faults.max_attempts} times; retry later")
 
     async def _forget_failed(self, done: dict[str, ray.ObjectRef], order: list[str], deadline: float) -> str:
@@ -359,5 +369,7 @@ def build_orchestrators(
     for graph, names in zip(config.graphs, config.deployment_names(), strict=True):
         handles = dict(graphs[graph.model.id])
         encoder = handles.pop("text_encoder")
-        orchestrators[graph.model.id] = Orchestrator(graph.family, encoder, handles, admission, config.faults, names)
+        orchestrators[graph.model.id] = Orchestrator(
+            graph.family, encoder, handles, admission, config.faults, names, model=graph.model.id
+        )
     return orchestrators

@@ -105,6 +105,7 @@ def test_every_pool_is_offered_by_a_worker_group_that_scales_from_zero(cluster_c
     for group in cluster["workerGroupSpecs"]:
         offered = parse_resources_param(group["rayStartParams"]["resources"])
         for pool in offered:
+            assert pool not in groups, f"{pool} is offered by two worker groups"  # one group, one pool
             groups[pool] = group
         assert group["minReplicas"] == 0
     deployments = pool_deployments(cluster_config)

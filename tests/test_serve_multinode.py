@@ -170,18 +170,34 @@ class SteadyLoad:
         )
 
 
-def under_load(url: str, references, fault: str, inject, recovered, settle_s: float = 3) -> SteadyLoad:
-    """Run the load, inject the fault once it flows, keep it up until `recovered()` and a little after."""
+def retries() -> Counter:
+    """Images the ingress replicas tried again, by the stage whose call failed (all models)."""
+    total: Counter = Counter()
+    for one in stats("Ingress", calls=4).values():
+        for by_stage in one["retries"].values():
+            total.update(by_stage)
+    return total
+
+
+def under_load(url: str, references, fault: str, inject, recovered, capsys, retried: str | None = None,
+               settle_s: float = 3) -> SteadyLoad:  # fmt: skip
+    """Run the load, inject the fault once it flows, keep it up until `recovered()` and a little after.
+    `retried`: the stage whose failed calls must have been retried (the fault hit a request there)."""
     with SteadyLoad(url, references) as load:
         wait_for(lambda: load.outcomes["succeeded"] >= 2, 120, what="the load to flow")
-        before = load.outcomes["succeeded"]
+        before, retried_before = load.outcomes["succeeded"], retries()
         inject()
         wait_for(recovered, 120, interval_s=0.5, what=f"recovery from: {fault}")
         wait_for(lambda: load.outcomes["succeeded"] >= before + 2, 120, what="images after the fault")
         time.sleep(settle_s)
-    print(load.report(fault))
-    assert load.outcomes["lost"] == 0 and load.outcomes["hung"] == 0, (load.report(fault), load.problems)
+    retried_now = retries() - retried_before
+    report = f"{load.report(fault)}; retried {dict(retried_now) or 'none'}"
+    with capsys.disabled():  # printed whatever pytest's capture: the run's account of the fault
+        print(f"\n{report}")
+    assert load.outcomes["lost"] == 0 and load.outcomes["hung"] == 0, (report, load.problems)
     assert load.outcomes["succeeded"] > before
+    if retried is not None:  # the request the fault hit came back through a retry, not a 503
+        assert retried_now[retried] >= 1, report
     return load
 
 
@@ -204,7 +220,7 @@ def test_an_image_crosses_the_nodes_and_equals_the_reference(cluster, reference_
     assert np.array_equal(served, reference)
 
 
-def test_killing_a_stage_replicas_process_loses_no_request(cluster, references):
+def test_killing_a_stage_replicas_process_loses_no_request(cluster, references, capsys):
     url = cluster[0]
     killed: list[dict] = []
 
@@ -215,10 +231,10 @@ def test_killing_a_stage_replicas_process_loses_no_request(cluster, references):
     def gone_and_replaced() -> bool:
         return killed[0]["replica"] not in stats("StageII", calls=6) and replicas("StageII") == 2
 
-    under_load(url, references, "StageII replica killed", kill, gone_and_replaced)
+    under_load(url, references, "StageII replica killed", kill, gone_and_replaced, capsys, retried="stage2")
 
 
-def test_a_wedged_engine_thread_fails_its_health_check_and_loses_no_request(cluster, references):
+def test_a_wedged_engine_thread_fails_its_health_check_and_loses_no_request(cluster, references, capsys):
     url = cluster[0]
     before = set(stats("StageI", calls=20))
     handle = serve.get_deployment_handle("StageI", app_name=APP_NAME)
@@ -227,10 +243,10 @@ def test_a_wedged_engine_thread_fails_its_health_check_and_loses_no_request(clus
         return replicas("StageI") == 2 and bool(set(stats("StageI", calls=6)) - before)
 
     under_load(url, references, "StageI engine thread wedged", lambda: handle.inject_fault.remote("wedge").result(),
-               replaced)  # fmt: skip
+               replaced, capsys, retried="stage1")  # fmt: skip
 
 
-def test_removing_a_pools_node_loses_no_request(cluster, references):
+def test_removing_a_pools_node_loses_no_request(cluster, references, capsys):
     url, nodes, ray_cluster, _ = cluster
     removed: list = []
 
@@ -244,10 +260,10 @@ def test_removing_a_pools_node_loses_no_request(cluster, references):
         where = {s["node_id"] for s in stats("StageII", 6).values()}
         return replicas("StageII") == 2 and removed[0].node_id not in where
 
-    under_load(url, references, "a pool_stage2 node removed", remove, moved)
+    under_load(url, references, "a pool_stage2 node removed", remove, moved, capsys, retried="stage2")
 
 
-def test_downscaling_a_stage_under_load_loses_no_request(cluster, references):
+def test_downscaling_a_stage_under_load_loses_no_request(cluster, references, capsys):
     """A redeploy with stage I down from two replicas to one: Serve stops a replica, which first lets its
     requests finish (graceful_shutdown_timeout_s); the ingress and runner replicas, whose config changed
     too, are replaced the same way."""
@@ -258,7 +274,8 @@ def test_downscaling_a_stage_under_load_loses_no_request(cluster, references):
     redeploy = threading.Thread(
         target=serve.run, args=(build_app(smaller),), kwargs=dict(name=APP_NAME, route_prefix="/"), daemon=True
     )
-    under_load(url, references, "stage I downscaled by a redeploy", redeploy.start, lambda: replicas("StageI") == 1)
+    under_load(url, references, "stage I downscaled by a redeploy", redeploy.start, lambda: replicas("StageI") == 1,
+               capsys)  # fmt: skip
     redeploy.join(timeout=300)  # serve.run returns once the app runs again
     assert not redeploy.is_alive()
 

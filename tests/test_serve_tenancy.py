@@ -157,7 +157,9 @@ def test_signed_links_refuse_tampering_and_expire_then_the_sweep_deletes_the_ima
     made = post(url, keys["dave"], response_format="url")
     assert made.status_code == 200, made.text
     link = made.json()["data"][0]["url"]
-    assert httpx.get(link).status_code == 200
+    opened = httpx.get(link)
+    assert opened.status_code == 200
+    assert int(opened.headers["cache-control"].rpartition("max-age=")[2]) <= 8  # no longer than the link
     path, query = link.split("?")
     expires = int(re.search(r"expires=(\d+)", query)[1])
     signature = re.search(r"signature=([0-9a-f]+)", query)[1]

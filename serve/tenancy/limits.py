@@ -203,6 +203,7 @@ class TenantLimits:
 
     async def in_flight(self) -> dict:
         """Requests admitted and not ended, and each stage's admitted images (now and at most)."""
+        await self._refresh_running()  # the rooms as they are, even before the first request
         return {"requests": self.limiter.in_flight, "load": dict(self.stages.load), "peak": dict(self.stages.peak),
                 "room": {s: self.stages.room(s) for s in self.stages.rooms}}  # fmt: skip
 
