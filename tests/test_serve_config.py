@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
@@ -12,6 +9,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve.app import build_app, ray_serve_config
 from serve.config import hash_key, load_config, parse_config
 from stages.errors import InvalidParameter
+from tests.cli import ifserve
 from tests.serving import ROOT
 
 CONFIGS = ["local", "single-gpu", "cluster", "two-families"]
@@ -92,19 +90,12 @@ def test_keys_are_stored_hashed_and_checked_by_hash():
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "stages": {"stage3": {"max_batch_size": 0}}}))
-    result = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "up", "--config", str(bad)], capture_output=True, text=True, timeout=120
-    )
+    result = ifserve("up", "--config", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "ifserve up: error: stages.stage3.max_batch_size: Input should be greater than or equal to 1"
     ]
-    missing = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "up", "--config", str(tmp_path / "nope.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = ifserve("up", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "--config: cannot read" in missing.stderr
 
 

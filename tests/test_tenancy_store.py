@@ -1,10 +1,7 @@
 """The tenants-and-keys database on SQLite and on a real PostgreSQL (tests/postgres.py), and
 `ifserve tenants | keys` as a user runs them."""
 
-import subprocess
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -12,8 +9,7 @@ from sqlalchemy import create_engine, text
 from serve.config import hash_key
 from serve.tenancy.store import Tenant, TenantStore
 from stages.errors import InvalidParameter
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import ifserve
 
 
 @pytest.fixture
@@ -165,19 +161,13 @@ def test_sqlite_folder_is_made(tmp_path):
     assert (tmp_path / "a" / "b" / "tenants.db").is_file()
 
 
-def _ifserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_cli(tmp_path):
     db = ["--database", f"sqlite:///{tmp_path / 'tenants.db'}"]
-    done = _ifserve("tenants", "create", "acme", "--priority", "batch", "--weight", "2", "--rpm", "30", *db)
+    done = ifserve("tenants", "create", "acme", "--priority", "batch", "--weight", "2", "--rpm", "30", *db)
     assert done.returncode == 0, done.stderr
     assert "acme" in done.stdout
 
-    done = _ifserve("keys", "create", "--tenant", "acme", *db)
+    done = ifserve("keys", "create", "--tenant", "acme", *db)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     secret = lines[-1]
@@ -186,19 +176,19 @@ def test_cli(tmp_path):
         assert store.active_keys() == {hash_key(secret): Tenant("acme", "batch", 2.0, rpm=30)}
         [info] = store.keys()
 
-    done = _ifserve("tenants", "list", *db)
+    done = ifserve("tenants", "list", *db)
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.strip().splitlines()
     assert header.split() == ["name", "priority", "weight", "rpm", "ipm", "max-concurrent", "active", "keys"]
     assert row.split() == ["acme", "batch", "2", "30", "-", "-", "1"]
 
-    done = _ifserve("keys", "revoke", info.id, *db)
+    done = ifserve("keys", "revoke", info.id, *db)
     assert done.returncode == 0, done.stderr
     assert info.id in done.stdout
     with TenantStore(db[1]) as store:
         assert store.active_keys() == {}
 
-    done = _ifserve("keys", "list", "--tenant", "acme", *db)
+    done = ifserve("keys", "list", "--tenant", "acme", *db)
     assert done.returncode == 0, done.stderr
     [_, row] = done.stdout.strip().splitlines()
     assert row.split()[:3] == [info.id, "acme", info.prefix] and row.count(" UTC") == 2  # created and revoked
@@ -212,7 +202,7 @@ def test_cli(tmp_path):
     ],
 )
 def test_cli_errors_are_one_line_naming_the_field(tmp_path, args, field):
-    done = _ifserve(*args, "--database", f"sqlite:///{tmp_path / 'tenants.db'}")
+    done = ifserve(*args, "--database", f"sqlite:///{tmp_path / 'tenants.db'}")
     assert done.returncode == 2
     assert done.stdout == ""
     [line] = [line for line in done.stderr.splitlines() if not line.startswith("[transformers]")]
