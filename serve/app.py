@@ -23,6 +23,16 @@ from stages.errors import CheckpointError
 
 APP_NAME = "ifserve"
 
+# Ray's own resource on the head node (Serve pins its controller with it). The front of the service
+# (ingress, tenant limits, batch runner) asks for a sliver of it, so it runs on the head beside Serve's
+# controller and proxy, where `serve/kuberay.py` sizes the head for it, and never on a pool's node: a
+# pool's node going away then takes no HTTP request with it, only stage calls, which are retried.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def on_the_head(num_cpus: float) -> dict[str, Any]:
+    return {"num_cpus": num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}}
+
 
 def _model_options(graph: ModelGraph) -> dict[str, Any]:
     """What a replica needs to load its part of the model."""
@@ -85,11 +95,11 @@ def build_app(config: ServeConfig) -> Application:
         for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
         for name, (_, replica) in zip(names.values(), graph.replicas(), strict=True)
     }
-    limits = TenantLimits.options(name="TenantLimits").bind(
+    limits = TenantLimits.options(name="TenantLimits", ray_actor_options=on_the_head(0)).bind(
         config.tenancy.top_tenants, config.tenancy.lease_s, rooms, config.batch_in_flight()
     )
     # The batch runner calls the same graphs as the ingress (Serve deploys each bound deployment once).
-    runner = BatchRunner.options(name="BatchRunner", ray_actor_options={"num_cpus": config.batch.num_cpus}).bind(
+    runner = BatchRunner.options(name="BatchRunner", ray_actor_options=on_the_head(config.batch.num_cpus)).bind(
         config.model_dump(mode="json"), graphs, limits
     )
     return Ingress.options(
@@ -97,7 +107,7 @@ def build_app(config: ServeConfig) -> Application:
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
         max_queued_requests=ingress.max_queued_requests,
-        ray_actor_options={"num_cpus": ingress.num_cpus},
+        ray_actor_options=on_the_head(ingress.num_cpus),
         graceful_shutdown_timeout_s=config.ingress_drain_s(),
         graceful_shutdown_wait_loop_s=0.5,
     ).bind(config.model_dump(mode="json"), graphs, limits, runner)

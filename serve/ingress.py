@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 
+import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -55,6 +56,7 @@ class Ingress:
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "retries": {model: dict(o.retries) for model, o in self.orchestrators.items()},
             "given_up": {model: o.given_up for model, o in self.orchestrators.items()},
         }

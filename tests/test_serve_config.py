@@ -270,3 +270,13 @@ def test_drain_bounds_come_from_each_stages_expected_residence():
     changed = parse_config({**data, "stages": {**data["stages"], "stage1": unplanned, "stage3": explicit}})
     assert changed.stages["stage3"].drain_s() == 12 and changed.stages["stage1"].drain_s() == 60
     assert changed.ingress_drain_s() > shipped.ingress_drain_s()  # an unplanned stage waits longer
+
+
+def test_the_front_asks_for_rays_own_head_resource():
+    """The ingress, limits and runner are pinned with the resource Ray gives its head node (a name Ray
+    could change: an unknown one would leave them unschedulable)."""
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from serve.app import HEAD_NODE_RESOURCE
+
+    assert HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME

@@ -53,8 +53,8 @@ def cluster(tiny_checkpoints, tmp_path_factory):
     nodes: dict[str, list] = {pool: [] for pool in POOLS.values()}
     for pool in POOLS.values():
         for _ in range(2 if pool == "pool_stage2" else 1):  # stage II's pool: two nodes, one can go
-            # A spare CPU: replicas without a pool (ingress, limits, runner) may land on any node, and the
-            # replacement of a removed node's replica must still fit beside the other one.
+            # A spare CPU: the replacement of a removed node's replica must fit beside the other one, and
+            # the front (ingress, limits, runner) must stay on the head though it would fit here too.
             nodes[pool].append(cluster.add_node(**dict(NODE, num_cpus=3), resources={pool: 2}))
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -208,6 +208,10 @@ def test_each_stage_runs_only_on_its_pools_nodes(cluster):
         where = {one["node_id"] for one in stats(deployment).values()}
         assert where <= {node.node_id for node in nodes[pool]}, (deployment, where)
         assert head not in where
+    # The front runs on the head, though the pools' nodes have spare CPUs: no pool's node takes an HTTP
+    # request with it when it goes.
+    for deployment in ("Ingress", "BatchRunner"):
+        assert {one["node_id"] for one in stats(deployment, 4).values()} == {head}, deployment
 
 
 def test_an_image_crosses_the_nodes_and_equals_the_reference(cluster, reference_pipes):

@@ -27,6 +27,7 @@ import secrets
 import time
 from collections import Counter
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -81,7 +82,14 @@ class BatchRunner:
         self.wake_event.set()
 
     async def stats(self) -> dict:
-        return {"owner": self.owner, "running": len(self.running), "rounds": self.rounds, "pid": os.getpid()}
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "owner": self.owner,
+            "running": len(self.running),
+            "rounds": self.rounds,
+        }
 
     async def check_health(self) -> None:
         if self.loop.done():  # Serve replaces a replica whose loop died

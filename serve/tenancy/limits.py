@@ -152,7 +152,7 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.deployment(num_replicas=1, max_ongoing_requests=1000)  # placed on the head by serve/app.py
 class TenantLimits:
     """The one place the limits are counted (see the module's docstring)."""
 
