@@ -16,6 +16,7 @@ import hmac
 import logging
 import posixpath
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 import fsspec
@@ -57,14 +58,15 @@ class BlobStore:
             return []
         return sorted(posixpath.relpath(path, self.root) for path in self.fs.find(base))
 
-    def sweep(self, prefix: str, older_than_s: float) -> int:
-        """Delete the blobs under `prefix` last written more than `older_than_s` ago; how many went."""
+    def sweep(self, prefix: str, older_than_s: float, keep: Collection[str] = ()) -> int:
+        """Delete the blobs under `prefix` last written more than `older_than_s` ago, except the keys in
+        `keep`; how many went."""
         cutoff, gone = time.time() - older_than_s, 0
         base = self.path(prefix)
         if not self.fs.exists(base):
             return 0
         for path, info in self.fs.find(base, detail=True).items():
-            if _modified(info) < cutoff:
+            if _modified(info) < cutoff and posixpath.relpath(path, self.root) not in keep:
                 self.fs.rm_file(path)
                 gone += 1
         return gone

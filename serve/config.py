@@ -268,7 +268,7 @@ class StorageConfig(_Strict):
     # The links' scheme://host[:port] as clients reach the service (a load balancer's address); unset, an
     # HTTP request's own, and http://{http.host}:{http.port} for batch results.
     public_url: str | None = None
-    sweep_s: float = Field(300.0, gt=0)  # how often expired images are deleted
+    sweep_s: float = Field(300.0, gt=0)  # how often expired images (and file blobs no row names) are deleted
 
     @field_validator("url")
     @classmethod

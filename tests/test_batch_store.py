@@ -10,6 +10,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text, update
@@ -284,6 +285,20 @@ def test_sweep_deletes_only_old_blobs(tmp_path):
     old = time.time() - 7200
     os.utime(tmp_path / "images/a/old.png", (old, old))
     assert blobs.sweep("images", 3600) == 1 and blobs.keys("images") == ["images/a/new.png"]
+
+
+def test_the_sweep_deletes_file_blobs_no_row_names_once_old(store):
+    kept = store.create_file("t", "in.jsonl", "batch", jsonl([line("a")]))
+    store.blobs.write("files/file-died-before-its-row", b"x")  # a process died between blob and row
+    store.blobs.write("files/file-written-just-now", b"y")  # its row may be committing as we sweep
+    root = store.blobs.root
+    (Path(root) / "files" / ".file-died-half-way.tmp").write_bytes(b"half")
+    old = time.time() - 7200
+    for name in (kept.blob, "files/file-died-before-its-row", "files/.file-died-half-way.tmp"):
+        os.utime(Path(root) / name, (old, old))
+    assert store.sweep_orphan_files(3600) == 2
+    assert store.blobs.keys("files") == sorted([kept.blob, "files/file-written-just-now"])
+    assert store.content("t", kept.id) == jsonl([line("a")])
 
 
 def test_signed_urls_expire_and_refuse_tampering():

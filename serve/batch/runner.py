@@ -10,10 +10,13 @@ Each round (when woken by the API, when an item finishes, or every `batch.poll_s
 3. write each result, then mark its item done; renew the leases held;
 4. end each batch whose items are all done: output and error files, then completed / cancelled / expired.
 
-It also deletes `url` images once their links expired (`storage.sweep_s`). A runner that dies (killed,
-its node gone, the cluster restarted) leaves its items leased; the next runner claims them again once
-the leases run out (`batch.lease_s`), and rewrites their results at the same keys: each input line ends
-with exactly one output or error line. A runner that is stopped hands its items back at once.
+Every `storage.sweep_s` it also deletes `url` images whose links expired, the per-item results of
+ended batches, and uploaded files' blobs that no row names (their writer died before the row).
+
+A runner that dies (killed, its node gone, the cluster restarted) leaves its items leased; the next
+runner claims them again once the leases run out (`batch.lease_s`), and rewrites their results at the
+same keys: each input line ends with exactly one output or error line. A runner that is stopped hands
+its items back at once.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ class BatchRunner:
             self.last_sweep = now
             swept = await asyncio.to_thread(self.links.blobs.sweep, "images", self.config.storage.url_ttl_s)
             await asyncio.to_thread(self.store.sweep_results)
+            await asyncio.to_thread(self.store.sweep_orphan_files)
             if swept:
                 log.info("deleted %d expired images", swept)
 

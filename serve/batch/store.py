@@ -1,8 +1,10 @@
 """The Batch API's state: files, batches and items in the SQL database, their blobs in the fsspec store.
 
 Every change is one transaction. Blobs are written before the rows that name them, at keys fixed by
-their ids, so a writer that dies between the two leaves a blob that its retry overwrites, never a row
-without its blob; rows are deleted before their blobs for the same reason.
+their ids, and rows are deleted before their blobs, so a process that dies between the two never leaves
+a row without its blob. What it can leave is a blob without a row: a batch's results and output files
+are rewritten by the next runner at the same keys, and `sweep_orphan_files` deletes an uploaded file's
+blob that no row names.
 
 Items are claimed with a lease: `SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL (two runners never
 take the same row and never wait for each other), `BEGIN IMMEDIATE` on SQLite (serve/database.py). A
@@ -49,6 +51,7 @@ from serve.blob_store import BlobStore
 from stages.errors import InvalidParameter
 
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
+ORPHAN_GRACE_S = 3600.0  # a blob without a row is deleted only when older; far beyond a blob-then-row write
 
 
 class NotFound(Exception):
@@ -421,6 +424,14 @@ class BatchStore:
         for batch_id in ended:
             self.blobs.delete(f"batches/{batch_id}")
         return len(ended)
+
+    def sweep_orphan_files(self, older_than_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete the blobs under `files/` that no file row names (and leftover `.tmp`s), once older than
+        `older_than_s`: what a process that died between a file's blob and its row left. The age keeps a
+        blob whose row is being committed right now."""
+        with self._session() as session:
+            named = set(session.scalars(select(FileRow.blob)))
+        return self.blobs.sweep("files", older_than_s, keep=named)
 
     @staticmethod
     def _skip_queued(session: Session, batch_id: str) -> None:
