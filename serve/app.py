@@ -28,6 +28,10 @@ APP_NAME = "ifserve"
 # controller and proxy, where `serve/kuberay.py` sizes the head for it, and never on a pool's node: a
 # pool's node going away then takes no HTTP request with it, only stage calls, which are retried.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+# Serve's HTTP proxies run on the head only, for the same reason: every request goes to the ingress on
+# the head anyway, and a proxy on a pool's node would drop the connections it holds when that node goes.
+# (On KubeRay the worker pods then never pass its Serve readiness check; deploy/README.md.)
+PROXY_LOCATION = "HeadOnly"
 
 
 def on_the_head(num_cpus: float) -> dict[str, Any]:
@@ -151,7 +155,7 @@ def ray_serve_config(config_path: str, config: ServeConfig) -> dict[str, Any]:
     """The Ray Serve config file (for `serve deploy` / KubeRay's RayService) that runs this
     application: the builder and our config file; every deployment option comes from that file."""
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": PROXY_LOCATION,
         "http_options": config.http_options(),
         "applications": [
             {

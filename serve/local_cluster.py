@@ -9,7 +9,7 @@ import urllib.request
 import ray
 from ray import serve
 
-from serve.app import APP_NAME, build_app, ensure_checkpoints
+from serve.app import APP_NAME, PROXY_LOCATION, build_app, ensure_checkpoints
 from serve.config import ServeConfig
 
 
@@ -28,7 +28,7 @@ def start(config: ServeConfig, *, progress=print, metrics_port: int | None = Non
             log_to_driver=False,
             _metrics_export_port=metrics_port,
         )
-    serve.start(http_options=config.http_options())
+    serve.start(proxy_location=PROXY_LOCATION, http_options=config.http_options())
     progress("deploying (loading every stage's checkpoint) ...")
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     url = f"http://{_display_host(config.http.host)}:{config.http.port}"

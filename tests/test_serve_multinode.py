@@ -151,6 +151,9 @@ class SteadyLoad:
             )
         except httpx.TimeoutException:
             return "hung"
+        except httpx.TransportError as err:  # no answer at all: the connection dropped
+            self.problems.append(f"seed {seed}: {type(err).__name__}: {err}")
+            return "lost"
         if response.status_code == 200:
             image = decode(response.json()["data"][0]["b64_json"])
             if np.array_equal(image, self.references[seed]):
@@ -208,10 +211,11 @@ def test_each_stage_runs_only_on_its_pools_nodes(cluster):
         where = {one["node_id"] for one in stats(deployment).values()}
         assert where <= {node.node_id for node in nodes[pool]}, (deployment, where)
         assert head not in where
-    # The front runs on the head, though the pools' nodes have spare CPUs: no pool's node takes an HTTP
-    # request with it when it goes.
+    # The front and Serve's proxy run on the head, though the pools' nodes have spare CPUs: no pool's node
+    # takes an HTTP request with it when it goes.
     for deployment in ("Ingress", "BatchRunner"):
         assert {one["node_id"] for one in stats(deployment, 4).values()} == {head}, deployment
+    assert set(serve.status().proxies) == {head}  # no HTTP connection ends on a pool's node either
 
 
 def test_an_image_crosses_the_nodes_and_equals_the_reference(cluster, reference_pipes):
