@@ -6,7 +6,8 @@ batch results and output files.
   renamed (on object stores, a copy, which is atomic there). Temporary names are fixed per blob, so a
   writer that died half-way leaves a `.tmp` that the next write of the same blob replaces.
 - Image URLs are signed (HMAC-SHA256 over the path and expiry time), so a browser opens them without a
-  key, as it does OpenAI's; `sweep` deletes images once their URLs have expired.
+  key, as it does OpenAI's. `sweep` deletes old blobs: images once their URLs have expired, and
+  (with `keep`, the keys still named) uploaded files whose row was never written.
 """
 
 from __future__ import annotations

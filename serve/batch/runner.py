@@ -139,11 +139,17 @@ class BatchRunner:
                 await asyncio.to_thread(self.store.finalize, row.id, SKIPPED_ERRORS[cause])
         if now - self.last_sweep > self.config.storage.sweep_s:
             self.last_sweep = now
-            swept = await asyncio.to_thread(self.links.blobs.sweep, "images", self.config.storage.url_ttl_s)
-            await asyncio.to_thread(self.store.sweep_results)
-            await asyncio.to_thread(self.store.sweep_orphan_files)
-            if swept:
-                log.info("deleted %d expired images", swept)
+            await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> None:
+        swept = {
+            "expired images": self.links.blobs.sweep("images", self.config.storage.url_ttl_s),
+            "ended batches' per-line results": self.store.sweep_results(),
+            "file blobs no row names": self.store.sweep_orphan_files(),
+        }
+        for what, count in swept.items():
+            if count:
+                log.info("deleted %d %s", count, what)
 
     def _validate(self, batch_id: str, input_file_id: str, tenant: str, endpoint: str) -> None:
         try:
