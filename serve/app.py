@@ -99,8 +99,9 @@ def build_app(config: ServeConfig) -> Application:
         for graph, names in zip(config.graphs, config.deployment_names(), strict=True)
         for name, (_, replica) in zip(names.values(), graph.replicas(), strict=True)
     }
+    tenancy = config.tenancy
     limits = TenantLimits.options(name="TenantLimits", ray_actor_options=on_the_head(0)).bind(
-        config.tenancy.top_tenants, config.tenancy.lease_s, rooms, config.batch_in_flight()
+        tenancy.top_tenants, tenancy.lease_s, rooms, config.batch_in_flight(), max_uploads=tenancy.max_uploads
     )
     # The batch runner calls the same graphs as the ingress (Serve deploys each bound deployment once).
     runner = BatchRunner.options(name="BatchRunner", ray_actor_options=on_the_head(config.batch.num_cpus)).bind(
@@ -147,6 +148,7 @@ def app_builder(args: dict[str, Any]) -> Application:
             "config: pass the serving config, e.g. `serve run serve.app:app_builder config=deploy/local.yaml`"
         )
     config = load_config(args["config"], **{"model.checkpoints": args.get("checkpoints")})
+    config.check_can_serve()
     ensure_checkpoints(config)
     return build_app(config)
 

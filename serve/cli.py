@@ -222,9 +222,9 @@ def _serve_config(args) -> int:
 
     config = load_config(args.config)
     if args.kuberay:
-        from serve.kuberay import manifest_yaml, rayservice
+        from serve.kuberay import manifest_yaml, manifests
 
-        command, text = f"--config {args.config} --kuberay", manifest_yaml(rayservice(str(args.config), config))
+        command, text = f"--config {args.config} --kuberay", manifest_yaml(manifests(str(args.config), config))
     else:
         command, text = (
             f"--config {args.config}",

@@ -52,7 +52,7 @@ def add_parsers(sub) -> None:
     _tenant_flags(actions.add_parser("create", help="add a tenant"), defaults=True)
     _database_flags(actions.add_parser("list", help="the tenants, their settings and active keys"))
     _tenant_flags(actions.add_parser("update", help="change only the given settings of a tenant"), defaults=False)
-    delete = actions.add_parser("delete", help="delete a tenant and all of its keys")
+    delete = actions.add_parser("delete", help="delete a tenant, its keys, batches and files")
     delete.add_argument("name")
     _database_flags(delete)
 
@@ -74,7 +74,9 @@ def _store(args) -> TenantStore:
 
     config = load_config(args.config, **{"tenancy.database": args.database})
     try:
-        return TenantStore(config.tenancy.database)
+        store = TenantStore(config.tenancy.database)
+        store.database.ready()  # reached and migrated now, so a bad URL is this one line
+        return store
     except SQLAlchemyError as err:  # unreachable server, missing driver, unwritable file: one line, no password
         where = make_url(config.tenancy.database).render_as_string(hide_password=True)
         cause = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
@@ -111,8 +113,9 @@ def tenants(args) -> int:
         elif args.action == "update":
             print(f"updated tenant {_describe(store.update_tenant(args.name, **settings))}")
         elif args.action == "delete":
-            store.delete_tenant(args.name)
-            print(f"deleted tenant {args.name} and its keys")
+            gone = store.delete_tenant(args.name)
+            print(f"deleted tenant {args.name} ({gone.id}) and its keys; the batch runner ends its batches and "
+                  "deletes its files within seconds, its `url` images go when their links expire")  # fmt: skip
         else:
             active: dict[str, int] = {}
             for key in store.keys():

@@ -5,12 +5,12 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
                text_encoder_8bit}
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...], api_key_sha256_env, require_key}
-    tenancy:  {database, database_env, refresh_s, top_tenants, lease_s}   (`ifserve tenants`, `ifserve keys`)
+    tenancy:  {database, database_env, refresh_s, top_tenants, lease_s, max_uploads}   (`ifserve tenants`, `keys`)
     ingress:  {num_cpus, num_replicas, max_ongoing_requests, max_queued_requests, max_body_bytes,
-               max_upload_bytes, max_image_pixels, max_images_in_flight, interactive_reserve}
+               max_upload_bytes, body_timeout_s, max_image_pixels, max_images_in_flight, interactive_reserve}
     storage:  {url, url_ttl_s, url_secret_env, public_url, sweep_s}   `url` images and batch files (fsspec)
-    batch:    {max_file_bytes, max_lines, max_batch_bytes, max_in_flight, max_in_flight_per_tenant, lease_s,
-               poll_s, num_cpus}                                                (OpenAI's Batch API)
+    batch:    {max_file_bytes, max_lines, max_batch_bytes, max_in_flight, max_in_flight_per_tenant,
+               max_tenant_bytes, output_ttl_s, retry_for_s, lease_s, poll_s, num_cpus}   (OpenAI's Batch API)
     faults:   {timeout_s, max_attempts, retry_backoff_s, health_check_period_s, health_check_timeout_s,
                stall_factor, min_stall_s, fault_hooks}           deadlines, retries, health checks
     kuberay:  {name, image, app_dir, ray_version, head_memory, idle_timeout_s, secret, models_claim,
@@ -140,6 +140,8 @@ class IngressConfig(_Strict):
     max_queued_requests: int = Field(256, ge=-1)
     max_body_bytes: int = Field(1 << 20, ge=1024)  # a larger request body is refused with 413
     max_upload_bytes: int = Field(16 << 20, ge=1024)  # ... and a larger edit upload (image + mask + fields)
+    # A request's whole body must arrive within this (408 past it), so slow uploads cannot hold the slots.
+    body_timeout_s: float = Field(120.0, gt=0)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # an uploaded picture with more is refused (400)
     # Images in the stages at once, per ingress replica; the rest wait at the ingress in arrival order.
     # None: no limit. On a CPU box the planner sets it to what keeps every core busy.
@@ -221,8 +223,11 @@ class TenancyConfig(_Strict):
     database: str = Field("sqlite:///out/tenants.db", validate_default=True)
     refresh_s: float = Field(2.0, gt=0)  # how often each ingress replica reloads the keys and tenants
     top_tenants: int = Field(10, ge=0)  # tenants named in metrics (by images requested); the rest are `other`
-    # A request's concurrency slot is freed when it ends; one its ingress never freed (it died) after this.
-    lease_s: float = Field(3600.0, gt=0)
+    # A request's concurrency slot (and its stage room) is freed when it ends; its holder (an ingress
+    # replica, the batch runner) renews it every quarter of this, so one whose holder died is freed after it.
+    lease_s: float = Field(6.0, gt=0)
+    # Uploads (files, edits' pictures) one tenant may be sending at once, over every ingress replica.
+    max_uploads: int = Field(2, ge=1)
     # Read the database URL from this environment variable when the config loads and it is set (a URL with
     # a password belongs in a secret, not in the file); `database` otherwise.
     database_env: str | None = None
@@ -266,8 +271,8 @@ class StorageConfig(_Strict):
     # in the database (every replica reads the same).
     url_secret_env: str | None = None
     # The links' scheme://host[:port] as clients reach the service (a load balancer's address); unset, an
-    # HTTP request's own, and http://{http.host}:{http.port} for batch results.
-    public_url: str | None = None
+    # HTTP request's own, and http://{http.host}:{http.port} for batch results: only on loopback (below).
+    public_url: Annotated[str, Field(pattern=r"^https?://[^/?#\s]+$")] | None = None
     sweep_s: float = Field(300.0, gt=0)  # how often expired images (and file blobs no row names) are deleted
 
     @field_validator("url")
@@ -286,6 +291,14 @@ class BatchConfig(_Strict):
     max_batch_bytes: int = Field(100 << 20, ge=1)  # ... and one with more bytes
     max_in_flight: int = Field(16, ge=1)  # items the runner has in the serving graph at once, all tenants
     max_in_flight_per_tenant: int = Field(8, ge=1)  # ... and of one tenant
+    # Bytes of files one tenant may keep (uploads and batch outputs); None: no limit.
+    max_tenant_bytes: int | None = Field(10 << 30, ge=1)
+    # A batch's output and error files, and the `url` images they link, are kept this long after its
+    # completion window ends, then deleted.
+    output_ttl_s: float = Field(30 * 86400.0, gt=0)
+    # A batch whose input cannot be read, or whose output cannot be written, is tried again (with backoff)
+    # for this long before it fails; other batches go on meanwhile.
+    retry_for_s: float = Field(300.0, gt=0)
     lease_s: float = Field(30.0, gt=0)  # an item claimed by a runner that died is claimed again after this
     poll_s: float = Field(0.5, gt=0)  # how often the runner looks for work when it has not been woken
     num_cpus: float = Field(0.1, ge=0)  # the runner's replica: it waits on the graph, encodes PNGs, writes files
@@ -335,10 +348,16 @@ class KubeRayConfig(_Strict):
     ray_version: str = "2.60.0"  # the Ray in the image; KubeRay's autoscaler runs the same version
     head_memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)?$")
     idle_timeout_s: int = Field(300, ge=0)  # an idle worker pod is removed after this
-    secret: str = "ifserve-secrets"  # environment of every pod: API key digests, database URL, URL secret
+    secret: str = "ifserve-secrets"  # the head's secrets: API key digests, database URL, URL secret (by env name)
     models_claim: str = "ifserve-models"  # PersistentVolumeClaim mounted at the checkpoints' parent folder
     store_claim: str = "ifserve-store"  # ... and at storage.url when that is a folder (ReadWriteMany)
     pools: dict[Pool, KubePool] = Field(default_factory=dict)  # a pool left out gets the defaults
+    # Who the NetworkPolicy lets reach the head's dashboard (the KubeRay operator, which submits the Serve
+    # config there) and every pod's metrics port (Prometheus): pod labels, and the namespace they run in
+    # (None: any namespace).
+    operator_labels: dict[str, str] = Field(default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"})
+    operator_namespace: str | None = None
+    monitoring_namespace: str | None = "monitoring"
 
 
 class ModelGraph(_Strict):
@@ -436,12 +455,34 @@ class ServeConfig(ModelGraph):
         for pool in self.kuberay.pools:
             if pool not in pools:
                 raise ValueError(f"kuberay.pools.{pool}: no deployment runs on this pool")
-        if not _is_loopback(self.http.host) and not (self.auth.api_key_sha256 or self.auth.require_key):
-            raise ValueError(
-                f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
-                "(auth.api_key_sha256, auth.api_key_sha256_env, or auth.require_key with `ifserve keys`)"
-            )
+        if not _is_loopback(self.http.host):
+            auth = self.auth
+            if not (auth.api_key_sha256 or auth.api_key_sha256_env or auth.require_key):
+                raise ValueError(
+                    f"http.host: {self.http.host} listens beyond loopback; API keys are required there "
+                    "(auth.api_key_sha256, auth.api_key_sha256_env, or auth.require_key with `ifserve keys`)"
+                )
+            if not self.storage.public_url:
+                raise ValueError(
+                    f"storage.public_url: http.host {self.http.host} listens beyond loopback; set the "
+                    "scheme://host[:port] clients reach the service at, which `url` image links carry"
+                )
         return self
+
+    def check_can_serve(self) -> None:
+        """What only the running service can check (its secrets are in its environment, not where a
+        manifest is written): beyond loopback, some API key must be in force. InvalidParameter if not."""
+        auth = self.auth
+        if not _is_loopback(self.http.host) and not (auth.api_key_sha256 or auth.require_key):
+            raise InvalidParameter(
+                "auth.api_key_sha256_env",
+                f"http.host {self.http.host} listens beyond loopback, and {auth.api_key_sha256_env} holds no "
+                "key digest: set it (ifserve hash-key KEY), or auth.require_key with keys from `ifserve keys`",
+            )
+
+    def public_base_url(self) -> str:
+        """Where clients reach the service, for links made outside any request (batch results)."""
+        return self.storage.public_url or f"http://{self.http.host}:{self.http.port}"
 
     @property
     def graphs(self) -> list[ModelGraph]:
@@ -460,6 +501,12 @@ class ServeConfig(ModelGraph):
             for stage in graph.stages.values()
         )
         return max(1, min(self.batch.max_in_flight, slots - self.ingress.interactive_reserve))
+
+    def batch_line_bytes(self) -> int:
+        """The longest batch input line: what its endpoint would take as a body (JSON, or an edit's pictures
+        in base64), and a little more for the line around it."""
+        ingress = self.ingress
+        return max(ingress.max_body_bytes, -(-ingress.max_upload_bytes * 4 // 3)) + (64 << 10)
 
     def http_options(self) -> dict[str, Any]:
         """Ray Serve's proxy options: our host and port, and the proxy's own request timeout as a backstop

@@ -9,16 +9,25 @@ Batch API (serve/batch/routes.py) behind one API-key dependency; GET /v1/images/
 /openapi.json and /docs (FastAPI's own).
 
 - The API-key dependency finds the key's tenant (serve/tenancy/directory.py). An image request then
-  asks the tenant's limits (serve/tenancy/limits.py, one count for every ingress replica) before any
-  work: past one, 429 with Retry-After; every answer carries OpenAI's `x-ratelimit-*` headers. The
-  tenant's share (name, priority class, weight) travels with each image through admission and every
-  stage's queue. `url` images go to the shared blob store (serve/blob_store.py) behind signed links
-  that expire; without a signature, another tenant's key gets 404.
-
+  asks the tenant's limits (serve/tenancy/limits.py, one count for every ingress replica, images
+  counted by cost) before any work: past one, 429 with Retry-After; every answer carries OpenAI's
+  `x-ratelimit-*` headers (serve/http_limits.py). The tenant's share (its id, priority class, weight)
+  travels with each image through admission and every stage's queue. `url` images go to the shared blob
+  store (serve/blob_store.py) behind signed links that expire; without a signature, another tenant's
+  key gets 404.
 - Auth is checked before the body is read: the image routes declare no body parameter and read the
   body themselves, after the dependency, with a size limit (413 past `ingress.max_body_bytes`, or
-  `ingress.max_upload_bytes` for an edit's multipart upload).
+  `ingress.max_upload_bytes` for an edit's multipart upload) and a deadline (408 past
+  `ingress.body_timeout_s`). An upload (an edit, a file) is admitted before its body is read (the
+  tenant's rate, concurrency and uploads in flight) and spooled to disk as it arrives.
+- A POST's body must say its media type (415 otherwise: application/json, or multipart/form-data for
+  uploads), and an open service (no keys, loopback) refuses a browser's cross-site request (403), so no
+  web page can post to it in its visitor's name.
 - An edit's pictures are read and checked here (stages/pictures.py) before any stage sees them.
+- Blocking work runs on thread pools by kind (serve/workers.py): the database's, the store's, PNG
+  encoding's and Serve's controller's, so a stalled database or a flood of `/readyz` (answered from a
+  reading at most a second old) never holds up an image. With the database away, the routes that need
+  it answer 503 with Retry-After; images need it only for keys never yet read.
 - Every failure reaches the client in OpenAI's error shape, and no traceback, actor id or address goes
   into any response (`failure` decides what a client is told).
 - Every response, 500s included, is counted in `ifserve_requests_total` by route template and status.
@@ -36,17 +45,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray.serve.handle import DeploymentHandle
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serve.batch.routes import batch_routes
 from serve.batch.store import BatchStore
 from serve.config import ServeConfig
-from serve.http_common import ApiError, failure, read_body, read_multipart, requested_timeout
-from serve.metrics import request_metrics, tenant_metrics
+from serve.http_common import JSON, MULTIPART, ApiError, failure, read_body, requested_timeout, require_media
+from serve.http_limits import Gate
+from serve.http_uploads import Uploads, authenticate
+from serve.metrics import request_metrics
 from serve.openai_api import (
+    AsciiJSONResponse,
     ImageRequestBase,
+    check_text,
     error_body,
     error_response,
     final_png,
@@ -61,6 +74,7 @@ from serve.served import IMAGE_ROUTE, ImageLinks, ServedModel, ServedModels, Unk
 from serve.tenancy.directory import KeyDirectory
 from serve.tenancy.limits import Decision
 from serve.tenancy.store import Tenant
+from serve.workers import DATABASE, PICTURES, STORE, run_on
 from stages.errors import InvalidParameter
 from stages.fair_share import DEFAULT_SHARE, Share
 from stages.family import StageSpec
@@ -68,6 +82,24 @@ from stages.params import RequestParams
 from stages.task import EditImages
 
 log = logging.getLogger(__name__)
+READY_CACHE_S = 1.0  # /readyz answers from a reading at most this old: a flood of probes asks Serve once a second
+
+
+class Readiness:
+    """`/readyz`'s answer, read at most once every READY_CACHE_S however many probes ask, all of them
+    awaiting the same reading."""
+
+    def __init__(self, ready: Callable[[], Awaitable[dict[str, int]]]):
+        self.ready = ready
+        self._reading: asyncio.Task | None = None
+        self._read_at = -float("inf")
+
+    async def replicas(self) -> dict[str, int]:
+        stale = time.monotonic() - self._read_at > READY_CACHE_S
+        if self._reading is None or (stale and self._reading.done()):
+            self._reading = asyncio.get_running_loop().create_task(self.ready())
+            self._read_at = time.monotonic()
+        return await asyncio.shield(self._reading)
 
 
 def build_http_app(
@@ -75,23 +107,26 @@ def build_http_app(
     orchestrators: dict[str, Orchestrator],
     ready: Callable[[], Awaitable[dict[str, int]]],
     directory: KeyDirectory,
-    limits: DeploymentHandle,
+    gate: Gate,
+    uploads: Uploads,
     links: ImageLinks,
     batches: BatchStore,
     wake_runner: Callable[[], Awaitable[None]],
 ) -> FastAPI:
     """`orchestrators`: each served model's, by model id; `ready()` gives the running replicas of every
-    deployment of every model's graph; `directory` finds a key's tenant and `limits` (the TenantLimits
-    deployment) counts its requests; `links` keeps `url` images; `batches` and `wake_runner` serve the
-    Batch API (serve/batch)."""
+    deployment of every model's graph; `directory` finds a key's tenant and `gate` asks its limits (the
+    TenantLimits deployment); `uploads` admits and reads uploads; `links` keeps `url` images; `batches` and
+    `wake_runner` serve the Batch API (serve/batch)."""
     served = ServedModels.of(config, orchestrators)
-    max_upload = config.ingress.max_upload_bytes
-    max_pixels = config.ingress.max_image_pixels
-    max_body = config.ingress.max_body_bytes
+    ingress = config.ingress
+    max_pixels, max_body = ingress.max_image_pixels, ingress.max_body_bytes
+    body_timeout = ingress.body_timeout_s
     public_url = config.storage.public_url
     families = ", ".join(dict.fromkeys(m.family.name for m in served.values()))
+    readiness = Readiness(ready)
 
-    app = FastAPI(title="ifserve", summary=f"{families} on Ray Serve, OpenAI Images API compatible")
+    app = FastAPI(title="ifserve", summary=f"{families} on Ray Serve, OpenAI Images API compatible",
+                  default_response_class=AsciiJSONResponse)  # fmt: skip
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -100,6 +135,17 @@ def build_http_app(
     @app.exception_handler(UnknownModel)
     async def _unknown_model(request: Request, exc: UnknownModel):
         return error_response(404, str(exc), param=exc.param, code="model_not_found")
+
+    @app.exception_handler(InvalidParameter)
+    async def _invalid(request: Request, exc: InvalidParameter):
+        return failure(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: Request, exc: RequestValidationError):
+        """A query or path parameter FastAPI refused: OpenAI's shape, naming it (never echoing its value)."""
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return error_response(400, f"{param}: {first.get('msg', 'invalid')}", param=param)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -132,15 +178,14 @@ def build_http_app(
         return response
 
     async def api_key(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        tenant = directory.authenticate(token.strip() if scheme.lower() == "bearer" else None)
-        if tenant is None:
-            raise ApiError(
-                401, "missing, invalid or revoked API key (Authorization: Bearer ...)", code="invalid_api_key"
-            )
-        request.state.tenant = tenant
+        request.state.tenant = authenticate(directory, request.headers)
 
-    api = APIRouter(dependencies=[Depends(api_key)])
+    async def text_parameters(request: Request) -> None:
+        """Query and path parameters are text too: a NUL or a lone surrogate is a 400 naming it, not a
+        database's error."""
+        check_text({**dict(request.query_params.multi_items()), **request.path_params})
+
+    api = APIRouter(dependencies=[Depends(text_parameters), Depends(api_key)])
 
     # ---- probes (no key) ----------------------------------------------------------------------------
     @app.get("/healthz")
@@ -150,7 +195,10 @@ def build_http_app(
     @app.get("/readyz")
     async def readyz():
         """Ready when every deployment of the graph has a running replica; otherwise names the missing."""
-        replicas = await ready()
+        try:
+            replicas = await readiness.replicas()
+        except Exception:  # noqa: BLE001 - Serve's controller did not answer
+            return retry_later("not ready: Serve's controller did not answer", "not_ready")
         missing = [name for name, count in replicas.items() if count < 1]
         if missing:
             return retry_later(f"not ready: no running replica of {', '.join(missing)}", "not_ready")
@@ -166,44 +214,24 @@ def build_http_app(
         return served.named(model).card
 
     # ---- images -------------------------------------------------------------------------------------
-    async def read_form(request: Request) -> tuple[dict[str, str], dict[str, list[bytes]]]:
-        """The multipart form's fields and files (by name, `image[]` as `image`), within the upload limit."""
-        fields, files, _ = await read_multipart(request, max_upload, max_part=max_body, max_files=4)
-        return fields, files
-
-    def one_file(files: dict[str, list[bytes]], name: str, required: bool) -> bytes | None:
+    def one_file(files: dict, name: str, required: bool):
         found = files.pop(name, [])
         if len(found) > 1:
             raise InvalidParameter(name, f"one file, not {len(found)}")
         if required and not found:
             raise InvalidParameter(name, "is required: the picture to edit, as a file")
-        return found[0] if found else None
+        return found[0].file if found else None
 
-    async def admit(tenant: Tenant, model: str, images: int, stages: list[str]) -> tuple[Decision, Share]:
-        """The tenant's limits and room in every stage it needs, before any work: 429 past a limit, 503 when
-        a stage is full or the service is draining."""
-        if tenant.ipm is not None and images > tenant.ipm:
-            raise failure(InvalidParameter("n", f"{images} images exceed this key's limit of {tenant.ipm} a minute"))
-        decision: Decision = await limits.acquire.remote(tenant, images, stages)
-        share = Share(tenant.name, tenant.priority, tenant.weight, decision.label)
-        if not decision.allowed:
-            tenant_metrics().refused(share, decision.limit)
-            if decision.limit in ("overloaded", "draining"):
-                raise ApiError(503, decision.message, kind="server_error", code=decision.limit,
-                               headers=decision.headers)  # fmt: skip
-            raise ApiError(
-                429, decision.message, kind=decision.limit, code="rate_limit_exceeded", headers=decision.headers
-            )
-        tenant_metrics().requested(model, share, images)
-        return decision, share
-
-    async def answer(
-        request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams], edit, prefix: str
-    ):
+    async def answer(request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams],
+                     edit, prefix: str, decision: Decision, share: Share):  # fmt: skip
+        """Run an admitted request: its images (or its stream), then the lease back."""
         request_id = uuid.uuid4().hex
         tenant: Tenant = request.state.tenant
-        deadline = target.orchestrator.deadline(requested_timeout(request))
-        decision, share = await admit(tenant, target.id, len(images), target.orchestrator.deployments_for(images[0]))
+        try:
+            deadline = target.orchestrator.deadline(requested_timeout(request))
+        except ApiError:
+            await gate.release(decision.lease)
+            raise
         if body.stream:
             events = stream_events(target.orchestrator, request_id, images, edit, prefix, share, deadline)
             return StreamingResponse(
@@ -213,7 +241,7 @@ def build_http_app(
 
         async def publish(name: str, picture: bytes) -> str:
             base = public_url or str(request.base_url)
-            return await asyncio.to_thread(links.save, tenant.name, name, picture, base)
+            return await run_on(STORE, links.save, tenant.id, name, picture, base)
 
         try:
             response = await generate(target, request_id, body, images, edit, share, publish, deadline)
@@ -222,32 +250,15 @@ def build_http_app(
             error.headers = {**decision.headers, **(error.headers or {})}
             raise error from None
         finally:
-            await release(decision.lease)
-        return JSONResponse(response, headers=decision.headers)
+            await gate.release(decision.lease)
+        return AsciiJSONResponse(response, headers=decision.headers)
 
     async def released(events: AsyncIterator[str], lease: str | None) -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield event
         finally:
-            await release(lease)
-
-    releasing: set[asyncio.Task] = set()  # held until done: a dropped release would keep the slot taken
-
-    async def release(lease: str | None) -> None:
-        """Free the request's concurrency slot before answering, on a task of its own, so that a cancelled
-        request frees it too."""
-
-        async def send() -> None:
-            try:
-                await limits.release.remote(lease)
-            except Exception as err:  # noqa: BLE001 - the lease expires on its own (tenancy.lease_s)
-                log.warning("could not release a concurrency lease: %s", err)
-
-        task = asyncio.get_running_loop().create_task(send())
-        releasing.add(task)
-        task.add_done_callback(releasing.discard)
-        await asyncio.shield(task)
+            await gate.release(lease)
 
     def schema(names: list[str], media: str) -> dict:
         """The request body: the one model's schema, or one of the served models' (a request's `model`)."""
@@ -258,59 +269,70 @@ def build_http_app(
     generation_schemas = [m.request_model.__name__ for m in served.values()]
     edit_schemas = [model.__name__ for m in served.values() for model in m.edit_models.values()]
 
-    @api.post("/v1/images/generations", openapi_extra=schema(generation_schemas, "application/json"))
+    @api.post("/v1/images/generations", openapi_extra=schema(generation_schemas, JSON))
     async def generations(request: Request):
+        require_media(request, JSON)
         try:
-            target, body, images = served.generation(json_object(await read_body(request, max_body)))
+            target, body, images = served.generation(json_object(await read_body(request, max_body, body_timeout)))
         except UnknownModel:
             raise
         except InvalidParameter as err:
             raise failure(err) from None
-        return await answer(request, target, body, images, None, "image_generation")
+        stages = target.orchestrator.deployments_for(images[0])
+        decision, share = await gate.admit(request.state.tenant, target.id, len(images), target.units(images), stages)
+        return await answer(request, target, body, images, None, "image_generation", decision, share)
 
-    @api.post("/v1/images/edits", openapi_extra=schema(edit_schemas, "multipart/form-data") if edit_schemas else None)
+    @api.post("/v1/images/edits", openapi_extra=schema(edit_schemas, MULTIPART) if edit_schemas else None)
     async def edits(request: Request):
-        """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields."""
+        """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields.
+        The tenant's request rate and concurrency are asked before the upload is read, its images after."""
+        tenant: Tenant = request.state.tenant
         try:
-            fields, files = await read_form(request)
-            served.named(requested_model(fields))  # an unknown model is a 404 before the files are looked at
-            image = one_file(files, "image", required=True)
-            mask = one_file(files, "mask", required=False)
-            if files:
-                raise InvalidParameter(sorted(files)[0], "is not a file this endpoint takes (image, mask)")
-            target, body, images, edit = await asyncio.to_thread(served.edit, fields, image, mask, max_pixels)
+            async with uploads.form(request, max_part=max_body, max_files=4) as (form, decision):
+                served.named(requested_model(form.fields))  # an unknown model is a 404 before the files are read
+                image = one_file(form.files, "image", required=True)
+                mask = one_file(form.files, "mask", required=False)
+                if form.files:
+                    raise InvalidParameter(sorted(form.files)[0], "is not a file this endpoint takes (image, mask)")
+                target, body, images, edit = await run_on(PICTURES, served.edit, form.fields, image, mask, max_pixels)
         except UnknownModel:
             raise
-        except InvalidParameter as err:
+        except Exception as err:  # noqa: BLE001 - whatever was wrong with the upload, in OpenAI's shape
             raise failure(err) from None
-        return await answer(request, target, body, images, edit, "image_edit")
+        stages = target.orchestrator.deployments_for(images[0])
+        decision, share = await gate.charge(decision, tenant, target.id, len(images), target.units(images), stages)
+        return await answer(request, target, body, images, edit, "image_edit", decision, share)
 
-    @app.get(IMAGE_ROUTE + "/{owner}/{name}")
+    @app.get(IMAGE_ROUTE + "/{owner}/{name}", dependencies=[Depends(text_parameters)])
     async def image_file(owner: str, name: str, request: Request, expires: str | None = None,
                          signature: str | None = None):  # fmt: skip
         """A `url` image: open to anyone with its signed link until it expires; without a signature, to
         a key of the tenant that made it. Another tenant's key gets 404."""
         if not (re.fullmatch(r"[0-9a-f]{32}", owner) and re.fullmatch(r"[0-9a-zA-Z_.-]{1,128}\.png", name)):
-            raise ApiError(404, f"name: no image {name!r}", param="name", code="not_found")
+            raise ApiError(404, "name: no such image", param="name", code="not_found")
         if expires is not None or signature is not None:
-            refused = links.signer.check(request.url.path, expires, signature)
+            try:
+                # The first check may read the signing secret from the database: off the event loop.
+                refused = await run_on(DATABASE, links.signer.check, request.url.path, expires, signature)
+            except Exception as err:  # noqa: BLE001 - the signing secret is in a database that is away
+                raise failure(err) from None
             if refused is not None:
                 raise ApiError(403, f"signature: {refused} link; ask for the image again", param="signature",
                                code="invalid_signature")  # fmt: skip
         else:
             await api_key(request)
-            if ImageLinks.owner(request.state.tenant.name) != owner:
+            if ImageLinks.owner(request.state.tenant.id) != owner:
                 raise ApiError(404, f"name: no image {name!r}", param="name", code="not_found")
         try:
-            picture = await asyncio.to_thread(links.blobs.read, links.key(owner, name))
+            picture = await run_on(STORE, links.blobs.read, links.key(owner, name))
         except FileNotFoundError:
             raise ApiError(404, f"name: no image {name!r} (expired images are deleted)", param="name",
                            code="not_found") from None  # fmt: skip
         # A browser keeps it no longer than its link lasts (the store's TTL when opened with a key).
-        lasts = int(expires) - int(time.time()) if expires is not None else int(config.storage.url_ttl_s)
+        lasts = int(expires) - int(time.time()) if expires is not None else int(links.ttl_s(name))
         return Response(picture, media_type="image/png", headers={"Cache-Control": f"private, max-age={max(0, lasts)}"})
 
-    api.include_router(batch_routes(config, batches, wake_runner))
+    api.include_router(batch_routes(config, batches, wake_runner, gate, uploads))
     app.include_router(api)
 
     def openapi() -> dict:
@@ -350,7 +372,7 @@ async def stream_events(
         partial = 0
 
         async def event(kind: str, result: StageResult, **extra) -> dict:
-            picture = await asyncio.to_thread(final_png, result)
+            picture = await run_on(PICTURES, final_png, result)
             size = result.output.image.shape[-1]
             return image_event(kind, index, params.seed, picture, size, prefix, **extra)
 

@@ -1,20 +1,33 @@
-"""What every route module shares: errors in OpenAI's shape raised from anywhere in a route, and request
-bodies read within a size limit (413 past it) after the API key was checked."""
+"""What every route module shares: errors in OpenAI's shape raised from anywhere in a route, the media
+types a route takes, and request bodies read after the API key was checked, within a size limit (413
+past it) and a deadline (408 past it), multipart uploads spooled to disk rather than held in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import Message
 
-from serve.openai_api import RETRY_AFTER_S, error_response
+from serve.database import UNAVAILABLE
+from serve.openai_api import RETRY_AFTER_S, check_text, error_response
 from serve.orchestrator import Overloaded, Unavailable
+from serve.tenancy.directory import KeysUnavailable
+from serve.workers import STORE, run_on
 from stages.errors import DeadlineExceeded, InvalidParameter, StageFailure
 
 log = logging.getLogger(__name__)
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
 
 
 class ApiError(Exception):
@@ -31,45 +44,93 @@ class ApiError(Exception):
         )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def require_media(request: Request, media: str) -> None:
+    """415 unless the request says its body is `media`. A browser can send a cross-site POST without asking
+    first only as text/plain, a urlencoded or a multipart form: a JSON route never takes those."""
+    given = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if given != media:
+        raise ApiError(415, f"Content-Type: must be {media}, not {given or 'missing'!r}", param="Content-Type",
+                       code="unsupported_media_type")  # fmt: skip
+
+
+def guarded(request: Request, limit: int, timeout_s: float) -> Request:
+    """The request, reading its body at most `limit` bytes (413) within `timeout_s` (408), so no client
+    can make the ingress hold a large body or wait for a slow one."""
     too_large = ApiError(413, f"body: larger than {limit} bytes", param="body", code="body_too_large")
     if int(request.headers.get("content-length") or 0) > limit:
         raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
+    loop = asyncio.get_running_loop()
+    deadline, received, receive = loop.time() + timeout_s, 0, request.receive
+
+    async def limited() -> Message:
+        nonlocal received
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise ApiError(408, f"body: not received within {timeout_s:g} s (ingress.body_timeout_s)",
+                           param="body", code="body_timeout") from None  # fmt: skip
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+        return message
+
+    return Request(request.scope, limited)
 
 
-async def read_multipart(
-    request: Request, limit: int, max_part: int, max_files: int
-) -> tuple[dict[str, str], dict[str, list[bytes]], dict[str, str]]:
-    """A multipart form's fields, files (by name, `name[]` as `name`) and the files' names, `limit` bytes
-    in all."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise InvalidParameter("body", "must be multipart/form-data")
-    request._body = await read_body(request, limit)  # Starlette's form() parses the cached body
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    return await guarded(request, limit, timeout_s).body()
+
+
+@dataclass
+class Form:
+    """A multipart form: its fields, and its files by name (`name[]` as `name`), each an UploadFile that
+    Starlette spooled to disk past 1 MiB."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, list[UploadFile]] = field(default_factory=dict)
+
+
+@asynccontextmanager
+async def multipart(request: Request, limit: int, timeout_s: float, max_part: int, max_files: int,
+                    spooled: BinaryIO | None = None) -> AsyncIterator[Form]:  # fmt: skip
+    """The form, `limit` bytes in all, read as it arrives (or from `spooled`, the body the proxy wrote to
+    disk: serve/proxy_files.py); its files are deleted when the block ends."""
+    if not request.headers.get("content-type", "").lower().startswith(MULTIPART):
+        raise ApiError(415, f"Content-Type: must be {MULTIPART}", param="Content-Type", code="unsupported_media_type")
     try:
-        form = await request.form(max_files=max_files, max_fields=128, max_part_size=max_part)
+        if spooled is None:
+            parsed = await guarded(request, limit, timeout_s).form(max_files=max_files, max_fields=128,
+                                                                    max_part_size=max_part)  # fmt: skip
+        else:
+            parser = MultiPartParser(request.headers, _chunks(spooled), max_files=max_files, max_fields=128,
+                                     max_part_size=max_part)  # fmt: skip
+            parsed = await parser.parse()
     except MultiPartException as err:
         raise InvalidParameter("body", f"not a valid multipart form: {err.message}") from None
-    fields: dict[str, str] = {}
-    files: dict[str, list[bytes]] = {}
-    filenames: dict[str, str] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault(name.removesuffix("[]"), []).append(await value.read())
-            filenames.setdefault(name.removesuffix("[]"), value.filename or "")
-        else:
-            fields[name] = value
-    await form.close()
-    return fields, files, filenames
+    try:
+        form = Form()
+        for name, value in parsed.multi_items():
+            if isinstance(value, UploadFile):
+                form.files.setdefault(name.removesuffix("[]"), []).append(value)
+            else:
+                form.fields[name] = value
+        check_text(form.fields)
+        yield form
+    finally:
+        await parsed.close()
+
+
+async def _chunks(source: BinaryIO, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    while chunk := await run_on(STORE, source.read, size):
+        yield chunk
 
 
 def failure(err: BaseException) -> ApiError:
-    """What the client is told about a failed generation."""
+    """What the client is told about a failed request."""
+    if isinstance(err, ApiError):
+        return err
     if isinstance(err, InvalidParameter):
         return ApiError(400, str(err), param=err.param)
     if isinstance(err, Overloaded):
@@ -82,12 +143,16 @@ def failure(err: BaseException) -> ApiError:
             503, f"unavailable, retry later: {err}", kind="server_error", code="unavailable",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )  # fmt: skip
+    if isinstance(err, (*UNAVAILABLE, KeysUnavailable)):
+        log.warning("the database is unavailable: %s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return ApiError(503, "the service's database is unavailable; retry later", kind="server_error",
+                        code="database_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
     if isinstance(err, DeadlineExceeded):
         return ApiError(504, f"the request's deadline passed ({err.stage})", kind="timeout", code="deadline_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
     if isinstance(err, StageFailure):
         return ApiError(500, str(err), kind="server_error", code="stage_failed")
-    log.error("generation failed", exc_info=err)
+    log.error("request failed", exc_info=err)
     return ApiError(500, "internal error", kind="server_error")
 
 

@@ -3,6 +3,7 @@ application on it. Used by `ifserve up`, `ifserve demo` and the tests."""
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.request
 
@@ -11,12 +12,17 @@ from ray import serve
 
 from serve.app import APP_NAME, PROXY_LOCATION, build_app, ensure_checkpoints
 from serve.config import ServeConfig
+from serve.proxy_files import CALLBACK, ENV
 
 
 def start(config: ServeConfig, *, progress=print, metrics_port: int | None = None, wait: bool = True) -> str:
     """Start Ray and Serve, deploy, wait until every stage has a replica (`wait`); returns the base URL."""
+    config.check_can_serve()
     ensure_checkpoints(config, progress)
     cluster = config.cluster
+    # Serve's proxy spools uploads to disk and sends downloads from the store (serve/proxy_files.py); its
+    # process inherits the environment of the Ray started here.
+    os.environ.setdefault(ENV, CALLBACK)
     if not ray.is_initialized():
         ray.init(
             num_cpus=cluster.num_cpus,

@@ -309,7 +309,8 @@ class BatchMetrics:
 
     def __init__(self):
         self.lines = metrics.Counter(
-            "ifserve_batch_lines", "Batch lines finished, by tenant and outcome (succeeded, errored, retried).",
+            "ifserve_batch_lines",
+            "Batch lines finished, by tenant and outcome (succeeded, errored, retried, held_back).",
             tag_keys=("tenant", "outcome"),
         )  # fmt: skip
         self.in_flight = metrics.Gauge("ifserve_batch_lines_in_flight", "Batch lines in the serving graph now.")

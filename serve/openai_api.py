@@ -104,7 +104,7 @@ def image_request_model(
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """A JSON request body, which must be an object."""
+    """A JSON request body, which must be an object of text that can be stored and encoded."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
@@ -113,7 +113,49 @@ def json_object(body: bytes) -> dict[str, Any]:
         raise InvalidParameter("body", "not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidParameter("body", "must be a JSON object")
+    check_text(data)
     return data
+
+
+def _unsafe(text: str) -> bool:
+    """Whether a string holds what no database column, tokenizer or UTF-8 encoder takes: a NUL, or a lone
+    surrogate (valid in JSON as "\\ud800", but not text)."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A client's string as it may appear in an error message: escaped to ASCII, and cut short."""
+    escaped = text.encode("ascii", "backslashreplace").decode()
+    return escaped if len(escaped) <= limit else escaped[: limit - 3] + "..."
+
+
+def unsafe_text(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (a key or a value) in parsed JSON that is not storable text
+    (`_unsafe`), None if there is none."""
+    if isinstance(value, str):
+        return (path or "body") if _unsafe(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}.{shown(str(key))}" if path else shown(str(key))
+        if isinstance(key, str) and _unsafe(key):
+            return where
+        found = unsafe_text(item, where)
+        if found is not None:
+            return found
+    return None
+
+
+def check_text(fields: dict[str, Any]) -> None:
+    """InvalidParameter naming the first field that is not storable text (a JSON body, a form's fields)."""
+    bad = unsafe_text(fields)
+    if bad is not None:
+        raise InvalidParameter(bad, "must be text without NUL characters or lone surrogates")
 
 
 def requested_model(fields: dict[str, Any]) -> str | None:
@@ -133,7 +175,15 @@ def parse_request(model: type[ImageRequestBase], fields: dict[str, Any]) -> Imag
         raise invalid_parameter(err) from None
 
 
-# ---- errors -------------------------------------------------------------------------------------------
+# ---- responses and errors -------------------------------------------------------------------------------
+class AsciiJSONResponse(JSONResponse):
+    """JSON escaped to ASCII: a client's string echoed back (a lone surrogate in a field name, say) can
+    never fail to encode and turn a 400 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_body(message: str, *, param: str | None = None, kind: str = "invalid_request_error", code=None) -> dict:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -148,7 +198,8 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(message, param=param, kind=kind, code=code), status_code=status, headers=headers)
+    body = error_body(message, param=param, kind=kind, code=code)
+    return AsciiJSONResponse(body, status_code=status, headers=headers)
 
 
 def retry_later(message: str, code: str) -> JSONResponse:

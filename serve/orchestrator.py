@@ -202,11 +202,8 @@ class Orchestrator:
             raise DeadlineExceeded("request") from None
 
     def cost(self, params: RequestParams) -> float:
-        """An image's fair-share cost: steps x pixels summed over its stages."""
-        return sum(
-            spec.output_size**2 * (getattr(params, f"{spec.name}_steps", None) or 1)
-            for spec in self.family.stages_for(params.size)
-        )
+        """An image's fair-share cost (the family's: steps x pixels over its stages)."""
+        return self.family.cost(params)
 
     async def _image(self, request_id, params, on_stage, edit, share: Share, deadline: float) -> StageResult:
         run = _ImageRun(self, params, on_stage, edit, share, deadline)

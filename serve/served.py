@@ -4,20 +4,17 @@ batch line's body is exactly what /v1/images/generations would have answered."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-from sqlalchemy import Engine
+from typing import Any, BinaryIO
 
 from serve.blob_store import BlobStore, UrlSigner
 from serve.config import ModelGraph, ServeConfig, StorageConfig, model_slug
-from serve.database import shared_secret
+from serve.database import Database, shared_secret
 from serve.openai_api import (
     ImageEditRequestBase,
     ImageRequestBase,
@@ -30,6 +27,7 @@ from serve.openai_api import (
     safety_fields,
 )
 from serve.orchestrator import Orchestrator
+from serve.workers import PICTURES, run_on
 from stages.errors import InvalidParameter
 from stages.fair_share import Share
 from stages.family import ModelFamily
@@ -78,6 +76,12 @@ class ServedModel:
             family.checkpoint_limits(graph.checkpoint_root()),
         )
 
+    def units(self, images: list[RequestParams]) -> float:
+        """What the images count against a tenant's images-per-minute limit: each one, or the standard
+        images (the family's defaults at its largest size) its cost makes when it costs more."""
+        standard = self.family.standard_cost()
+        return sum(max(1.0, self.family.cost(params) / standard) for params in images)
+
     @property
     def card(self) -> dict:
         sizes = [f"{s}x{s}" for s in self.family.sizes]
@@ -113,7 +117,7 @@ class ServedModels(dict[str, ServedModel]):
         return target, body, images
 
     def edit(
-        self, fields: dict[str, Any], image: bytes, mask: bytes | None, max_pixels: int
+        self, fields: dict[str, Any], image: bytes | BinaryIO, mask: bytes | BinaryIO | None, max_pixels: int
     ) -> tuple[ServedModel, ImageRequestBase, list[RequestParams], EditImages]:
         """An edit's fields and pictures, checked: its model, body, images and what it starts from."""
         target = self.named(requested_model(fields))
@@ -146,40 +150,58 @@ def _picture_bytes(field: str, value: Any) -> bytes:
         raise InvalidParameter(field, "is not valid base64") from None
 
 
+BATCH_IMAGE_PREFIX = "batchreq_"  # the request ids of batch lines, which name their images
+
+
 class ImageLinks:
     """`response_format: url` images: kept in the blob store under their tenant, linked by signed URLs
-    that expire (`storage.url_ttl_s`), so a browser opens them without a key."""
+    that expire (`storage.url_ttl_s`), so a browser opens them without a key. A batch line's images (named
+    by its request id) are kept, and their links work, as long as the batch's output file that lists them
+    can exist: the completion window plus `batch.output_ttl_s` from when they were made."""
 
-    def __init__(self, blobs: BlobStore, signer: UrlSigner):
-        self.blobs, self.signer = blobs, signer
+    def __init__(self, blobs: BlobStore, signer: UrlSigner, batch_ttl_s: float):
+        self.blobs, self.signer, self.batch_ttl_s = blobs, signer, batch_ttl_s
 
     @classmethod
-    def of(cls, storage: StorageConfig, engine: Engine) -> ImageLinks:
+    def of(cls, config: ServeConfig, database: Database) -> ImageLinks:
         """The config's store and the signer every replica shares."""
-        return cls(BlobStore(storage.url), url_signer(storage, engine))
+        window = 24 * 3600.0  # the one completion window (serve/batch/store.py)
+        return cls(BlobStore(config.storage.url), url_signer(config.storage, database),
+                   window + config.batch.output_ttl_s)  # fmt: skip
 
     @staticmethod
-    def owner(tenant: str) -> str:
-        """A tenant's folder: a digest, so no tenant name is a path."""
-        return hashlib.sha256(tenant.encode()).hexdigest()[:32]
+    def owner(tenant_id: str) -> str:
+        """A tenant's folder: a digest of its id, so no tenant's name or id is a path."""
+        return hashlib.sha256(tenant_id.encode()).hexdigest()[:32]
 
     def key(self, owner: str, name: str) -> str:
         return f"images/{owner}/{name}"
 
-    def save(self, tenant: str, name: str, picture: bytes, base_url: str) -> str:
-        owner = self.owner(tenant)
+    def ttl_s(self, name: str) -> float:
+        return self.batch_ttl_s if name.startswith(BATCH_IMAGE_PREFIX) else self.signer.ttl_s
+
+    def save(self, tenant_id: str, name: str, picture: bytes, base_url: str) -> str:
+        owner = self.owner(tenant_id)
         self.blobs.write(self.key(owner, name), picture)
-        return base_url.rstrip("/") + self.signer.sign(f"{IMAGE_ROUTE}/{owner}/{name}")
+        return base_url.rstrip("/") + self.signer.sign(f"{IMAGE_ROUTE}/{owner}/{name}", ttl_s=self.ttl_s(name))
+
+    def sweep(self) -> int:
+        """Delete the images whose links have expired."""
+        return self.blobs.sweep("images", lambda key: self.ttl_s(key.rsplit("/", 1)[-1]))
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        self.blobs.delete(f"images/{self.owner(tenant_id)}")
 
 
-def url_signer(storage: StorageConfig, engine: Engine) -> UrlSigner:
-    """The signer every replica shares: its secret from `storage.url_secret_env`, or the database's."""
+def url_signer(storage: StorageConfig, database: Database) -> UrlSigner:
+    """The signer every replica shares: its secret from `storage.url_secret_env`, or the database's (read
+    when first needed, so a replica starts while the database is down)."""
     if storage.url_secret_env:
         secret = os.environ.get(storage.url_secret_env)
         if not secret:
             raise ValueError(f"storage.url_secret_env: the environment variable {storage.url_secret_env} is not set")
         return UrlSigner(secret.encode(), storage.url_ttl_s)
-    return UrlSigner(shared_secret(engine, "url_signing_key"), storage.url_ttl_s)
+    return UrlSigner(lambda: shared_secret(database, "url_signing_key"), storage.url_ttl_s)
 
 
 Publish = Callable[[str, bytes], Awaitable[str]]  # (file name, PNG) -> its URL
@@ -200,7 +222,7 @@ async def generate(
     results = await target.orchestrator.images(request_id, images, edit, share, deadline)
     data = []
     for i, (params, result) in enumerate(zip(images, results, strict=True)):
-        picture = await asyncio.to_thread(final_png, result)
+        picture = await run_on(PICTURES, final_png, result)
         flags = safety_fields(result)
         if body.response_format == "url":
             url = await publish(f"{request_id}-{i}.png", picture)

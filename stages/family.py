@@ -157,6 +157,17 @@ class ModelFamily:
                 return tuple(chosen)
         raise InvalidParameter("size", f"{self.name} produces at most {self.stages[-1].output_size} px, not {size}")
 
+    def cost(self, params: RequestParams) -> float:
+        """An image's cost: the steps each of its stages runs x the pixels that stage makes. The one cost
+        of the system: fair share, admission and tenant limits all count it."""
+        return float(sum(spec.output_size**2 * params.stage(spec.name).expected_steps()
+                         for spec in self.stages_for(params.size)))  # fmt: skip
+
+    def standard_cost(self) -> float:
+        """The cost of a "standard image": the family's defaults at its largest size (what a tenant's
+        images-per-minute limit counts; a costlier image counts as several)."""
+        return self.cost(self.params(prompt="a standard image"))
+
     def check_params(self, params: RequestParams, limits: dict[str, float]) -> None:
         for name, upper in limits.items():
             value = getattr(params, name, None)

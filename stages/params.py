@@ -26,6 +26,13 @@ NoiseLevel = Annotated[int, Field(ge=0, lt=1000)]
 Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
+def expected_steps(steps: int, timesteps: Sequence[int] | None, strength: float | None) -> int:
+    """The steps a stage runs: its timestep list's length (or `steps`), of which a strength keeps the last part.
+    One rule for fair share, admission, tenant limits and the planner."""
+    n = len(timesteps) if timesteps else steps
+    return n if strength is None else max(1, min(int(n * strength), n))
+
+
 def invalid_parameter(err: ValidationError, prefix: str = "") -> InvalidParameter:
     """pydantic's first error as an InvalidParameter naming the field by its dotted path."""
     first = err.errors()[0]
@@ -43,6 +50,11 @@ class StageParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     TIMESTEP_LISTS: ClassVar[dict[str, list[int]]] = {}
+
+    def expected_steps(self) -> int:
+        """The denoising steps this stage will run for these parameters."""
+        order = self.work_order()
+        return expected_steps(order["steps"], order["timesteps"], order["strength"])
 
     def work_order(self) -> dict[str, Any]:
         """The fields of this stage's `StageRequest`: a named timestep list becomes its values."""

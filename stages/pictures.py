@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import BinaryIO
 
 import PIL.Image
 
@@ -23,15 +24,18 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PIXELS = 4096 * 4096
 
 
-def read_picture(data: bytes, field: str, *, max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:
-    """The decoded picture in `data`; InvalidParameter(field) if it is not a whole PNG, JPEG or WebP
-    picture of at most `max_pixels` pixels."""
-    if not data:
+def read_picture(data: bytes | BinaryIO, field: str, *, max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:
+    """The decoded picture in `data` (bytes, or a file such as an upload spooled to disk); InvalidParameter
+    (field) if it is not a whole PNG, JPEG or WebP picture of at most `max_pixels` pixels."""
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
+    source.seek(0, io.SEEK_END)
+    if not source.tell():
         raise InvalidParameter(field, "is empty")
+    source.seek(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            picture = PIL.Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+            picture = PIL.Image.open(source, formats=FORMATS)  # reads the header only
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
         raise InvalidParameter(field, f"has more than {max_pixels} pixels") from None
     except (PIL.UnidentifiedImageError, OSError, ValueError):
@@ -56,7 +60,9 @@ def to_mask(picture: PIL.Image.Image) -> PIL.Image.Image:
     return picture.convert("L")
 
 
-def read_edit(image: bytes, mask: bytes | None = None, *, max_pixels: int = MAX_PIXELS) -> EditImages:
+def read_edit(
+    image: bytes | BinaryIO, mask: bytes | BinaryIO | None = None, *, max_pixels: int = MAX_PIXELS
+) -> EditImages:
     """What an edit starts from: a square picture and, for inpainting, a mask of the same size."""
     picture = read_picture(image, "image", max_pixels=max_pixels)
     if picture.width != picture.height:

@@ -14,6 +14,8 @@ import PIL.Image
 import torch
 from diffusers import SchedulerMixin
 
+from stages.params import expected_steps
+
 
 @dataclass
 class TextEmbeddings:
@@ -54,8 +56,7 @@ class StageRequest:
     @property
     def expected_steps(self) -> int:
         """The steps it will run (what fair share charges up front): a strength keeps the last part."""
-        n = len(self.timesteps) if self.timesteps else self.steps
-        return n if self.strength is None else max(1, min(int(n * self.strength), n))
+        return expected_steps(self.steps, self.timesteps, self.strength)
 
 
 @dataclass(eq=False)  # identity semantics: tasks hold tensors

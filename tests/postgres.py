@@ -37,9 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PostgresServer:
+    """A running throwaway server (`running_postgres`): its URL, and `stop()` / `start()` to take it away
+    and bring it back on the same port with the same data (the tests of a database outage)."""
+
+    def __init__(self, url: str, control):
+        self.url, self._control = url, control
+
+    def stop(self) -> None:
+        self._control("stop", "-m", "fast", "-w")
+
+    def start(self) -> None:
+        self._control("start")
+
+
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start a server; yield `postgresql+psycopg://postgres@127.0.0.1:PORT/ifserve_test`."""
+def running_postgres() -> Iterator[PostgresServer]:
+    """Start a server with database `ifserve_test`; yield it, stop and delete it afterwards."""
     bin_dir = server_binaries()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server in /usr/lib/postgresql/*/bin: install Debian's postgresql")
@@ -63,15 +77,22 @@ def postgres_server() -> Iterator[str]:
             raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stdout}{done.stderr}{logged}")
         return done
 
+    # Durability off: the data is thrown away, and the tests run faster.
+    options = f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(root))} -c fsync=off -c synchronous_commit=off"
+
+    def control(action: str, *flags: str) -> None:
+        if action == "start":
+            server(str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options)
+        else:
+            server(str(bin_dir / "pg_ctl"), action, "-D", str(data), *flags)
+
     try:
         if as_user:
             os.chown(root, account.pw_uid, account.pw_gid)
         root.chmod(0o700)
         server(str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8", "--no-locale",
                "--no-sync", "--no-instructions")  # fmt: skip
-        # Durability off: the data is thrown away, and the tests run faster.
-        options = f"-h 127.0.0.1 -p {port} -k {shlex.quote(str(root))} -c fsync=off -c synchronous_commit=off"
-        server(str(bin_dir / "pg_ctl"), "start", "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options)
+        control("start")
         try:
             subprocess.run(
                 [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, DATABASE],
@@ -79,11 +100,21 @@ def postgres_server() -> Iterator[str]:
                 capture_output=True,
                 timeout=60,
             )
-            yield f"postgresql+psycopg://{USER}@127.0.0.1:{port}/{DATABASE}"
+            yield PostgresServer(f"postgresql+psycopg://{USER}@127.0.0.1:{port}/{DATABASE}", control)
         finally:
-            server(str(bin_dir / "pg_ctl"), "stop", "-D", str(data), "-m", "immediate", "-w")
+            try:
+                control("stop", "-m", "immediate", "-w")
+            except RuntimeError:  # a test left it stopped
+                pass
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """Start a server; yield `postgresql+psycopg://postgres@127.0.0.1:PORT/ifserve_test`."""
+    with running_postgres() as server:
+        yield server.url
 
 
 def fresh_database(url: str, name: str) -> str:

@@ -5,9 +5,12 @@ whole, and signed image URLs. Store tests run on SQLite and on a real PostgreSQL
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sqlite3
 import time
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,12 +18,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text, update
 
-from serve.batch.lines import check_lines
-from serve.batch.store import BatchStore, Conflict, NotFound, jsonl
-from serve.batch.tables import BatchRow, ItemRow
+from serve.batch.lines import check_lines, items
+from serve.batch.store import BatchStore, Conflict, NotFound, QuotaExceeded, jsonl
+from serve.batch.tables import BatchRow, FileRow, ItemRow
 from serve.blob_store import BlobStore, UrlSigner
 from serve.config import parse_config
-from serve.database import open_database, shared_secret
+from serve.database import Database, open_database, shared_secret
 from serve.served import ServedModels
 from stages.errors import InvalidParameter
 
@@ -39,14 +42,20 @@ def check_body(tiny_checkpoints):
     return served.generation
 
 
-def checked(check_body, lines: list, max_lines: int = 100, max_bytes: int = 1 << 20):
-    data = b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
-    return check_lines(data, ENDPOINT, check_body, max_lines, max_bytes)
+def encoded(lines: list) -> bytes:
+    return b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines)
+
+
+def checked(check_body, lines: list, max_lines: int = 100, max_bytes: int = 1 << 20, max_line_bytes: int = 4096):
+    data = encoded(lines)
+    return check_lines(io.BytesIO(data), len(data), ENDPOINT, check_body, max_lines, max_bytes, max_line_bytes)
 
 
 def test_good_lines_become_items_in_order(check_body):
-    out = checked(check_body, [line("a", seed=1), line("b", size="64x64")])
-    assert out.errors == [] and [(n, c) for n, c, _ in out.items] == [(1, "a"), (2, "b")]
+    good = [line("a", seed=1), line("b", size="64x64")]
+    out = checked(check_body, good)
+    assert out.errors == [] and out.lines == 2
+    assert [(n, c) for n, c, _ in items(io.BytesIO(encoded(good)), 4096)] == [(1, "a"), (2, "b")]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +72,21 @@ def test_good_lines_become_items_in_order(check_body):
         (line("x", stream=True), "invalid_request", "body.stream"),
         ({"method": "POST", "url": ENDPOINT, "body": {}}, "invalid_request", "custom_id"),
         (line("a"), "duplicate_custom_id", "custom_id"),  # line 1 is custom_id "a" too
+        # Valid JSON, but not text a database, tokenizer or UTF-8 encoder takes (issue 25's first defect).
+        (
+            b'{"custom_id": "\\ud800", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}}',
+            "invalid_request",
+            "custom_id",
+        ),  # fmt: skip
+        (
+            b'{"custom_id": "nul\\u0000", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": "x"}}',
+            "invalid_request",
+            "custom_id",
+        ),  # fmt: skip
+        (line("x", prompt="a \udfff cat"), "invalid_request", "body.prompt"),
+        (line("x", negative_prompt="\x00"), "invalid_request", "body.negative_prompt"),
+        (line("x", user="y" * 5000), "line_too_long", None),
+        (line("x" * 513), "invalid_request", "custom_id"),
     ],
 )
 def test_each_bad_line_is_named_by_its_number(check_body, bad, code, param):
@@ -74,22 +98,28 @@ def test_each_bad_line_is_named_by_its_number(check_body, bad, code, param):
 
 def test_too_many_lines_or_bytes_fail_the_whole_file(check_body):
     many = checked(check_body, [line(str(i)) for i in range(5)], max_lines=4)
-    assert [e["code"] for e in many.errors] == ["too_many_lines"] and not many.items
+    assert [e["code"] for e in many.errors] == ["too_many_lines"]
     big = checked(check_body, [line(str(i)) for i in range(5)], max_bytes=100)
-    assert [e["code"] for e in big.errors] == ["too_large"] and not big.items
+    assert [e["code"] for e in big.errors] == ["too_large"]
 
 
 # ---- the store ----------------------------------------------------------------------------------------
 @pytest.fixture
 def store(database_url, tmp_path):
-    engine = open_database(database_url)
-    yield BatchStore(engine, BlobStore(str(tmp_path / "store")))
-    engine.dispose()
+    database = Database(database_url)
+    yield BatchStore(database, BlobStore(str(tmp_path / "store")))
+    database.close()
+
+
+def content(store: BatchStore, tenant: str, file_id: str) -> bytes:
+    _, source = store.reader(tenant, file_id)
+    with source:
+        return source.read()
 
 
 def started(store: BatchStore, tenant: str, count: int) -> str:
     data = jsonl([line(f"c{i}", seed=i) for i in range(count)])
-    source = store.create_file(tenant, "in.jsonl", "batch", data)
+    source = store.create_file(tenant, "in.jsonl", "batch", io.BytesIO(data))
     batch = store.create_batch(tenant, source.id, ENDPOINT, "24h", {"job": "test"})
     assert store.start(batch.id, [(i + 1, f"c{i}", {"seed": i}) for i in range(count)])
     return batch.id
@@ -113,7 +143,7 @@ def test_a_tenant_gets_no_more_than_its_room(store):
     started(store, "t1", 5)
     started(store, "t2", 5)
     taken = store.claim("a", 6, 30, {"t1": 1}, 2)
-    assert sorted(item.tenant for item in taken) == ["t1", "t2", "t2"]
+    assert sorted(item.tenant_id for item in taken) == ["t1", "t2", "t2"]
 
 
 def test_a_dead_runners_items_are_claimed_again_and_it_cannot_finish_them(store):
@@ -128,7 +158,7 @@ def test_a_dead_runners_items_are_claimed_again_and_it_cannot_finish_them(store)
     for item in again:
         assert store.finish(item, "live", result(item, "live"), 200)
     assert store.finalize(batch_id, CANCELLED) == "completed"
-    output = store.content("t", store.batch("t", batch_id).output_file_id).decode().splitlines()
+    output = content(store, "t", store.batch("t", batch_id).output_file_id).decode().splitlines()
     lines = [json.loads(x) for x in output]
     assert [x["custom_id"] for x in lines] == ["c0", "c1"] and {x["owner"] for x in lines} == {"live"}
     assert store.blobs.keys(f"batches/{batch_id}") == []  # the per-item results went into the file
@@ -146,7 +176,7 @@ def test_a_stale_holder_finishing_late_does_not_overwrite_the_result(store):
     failed = {**result(stale, "slow"), "response": {"status_code": 500, "body": {}}}
     assert not store.finish(stale, "slow", failed, 500)
     assert store.finalize(batch_id, CANCELLED) == "completed"
-    (output,) = store.content("t", store.batch("t", batch_id).output_file_id).splitlines()
+    (output,) = content(store, "t", store.batch("t", batch_id).output_file_id).splitlines()
     assert json.loads(output)["owner"] == "live"
     assert store.counts([batch_id])[batch_id] == {"total": 1, "completed": 1, "failed": 0}
 
@@ -174,7 +204,7 @@ def test_cancel_keeps_what_is_done_and_never_runs_the_rest(store):
     assert store.finalize(batch_id, CANCELLED) == "cancelled"
     batch = store.batch("t", batch_id)
     assert store.counts([batch_id])[batch_id] == {"total": 5, "completed": 2, "failed": 3}
-    errors = [json.loads(x) for x in store.content("t", batch.error_file_id).splitlines()]
+    errors = [json.loads(x) for x in content(store, "t", batch.error_file_id).splitlines()]
     assert [e["custom_id"] for e in errors] == ["c2", "c3", "c4"] and errors[0]["error"] == CANCELLED
     with pytest.raises(Conflict):
         store.cancel("t", batch_id)
@@ -220,7 +250,7 @@ def test_another_tenant_sees_nothing(store):
     batch_id = started(store, "owner", 1)
     file_id = store.batch("owner", batch_id).input_file_id
     for call in (lambda: store.batch("other", batch_id), lambda: store.file("other", file_id),
-                 lambda: store.content("other", file_id), lambda: store.cancel("other", batch_id),
+                 lambda: store.reader("other", file_id), lambda: store.cancel("other", batch_id),
                  lambda: store.delete_file("other", file_id)):  # fmt: skip
         with pytest.raises(NotFound):
             call()
@@ -235,7 +265,7 @@ def test_batches_are_listed_newest_first_in_pages(store):
 
 
 def test_a_batch_needs_a_batch_file_and_a_known_window(store):
-    source = store.create_file("t", "in.jsonl", "batch", b"{}\n")
+    source = store.create_file("t", "in.jsonl", "batch", io.BytesIO(b"{}\n"))
     with pytest.raises(InvalidParameter, match="completion_window"):
         store.create_batch("t", source.id, ENDPOINT, "1h", None)
     with pytest.raises(NotFound):
@@ -246,7 +276,7 @@ def test_migrations_run_once_and_adopt_a_database_made_before_them(database_url)
     engine = open_database(database_url)
     open_database(database_url).dispose()  # a second opener finds the schema current
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     assert {"tenants", "api_keys", "batches", "batch_items", "batch_files"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 
@@ -288,7 +318,7 @@ def test_sweep_deletes_only_old_blobs(tmp_path):
 
 
 def test_the_sweep_deletes_file_blobs_no_row_names_once_old(store):
-    kept = store.create_file("t", "in.jsonl", "batch", jsonl([line("a")]))
+    kept = store.create_file("t", "in.jsonl", "batch", io.BytesIO(jsonl([line("a")])))
     store.blobs.write("files/file-died-before-its-row", b"x")  # a process died between blob and row
     store.blobs.write("files/file-written-just-now", b"y")  # its row may be committing as we sweep
     root = store.blobs.root
@@ -298,7 +328,7 @@ def test_the_sweep_deletes_file_blobs_no_row_names_once_old(store):
         os.utime(Path(root) / name, (old, old))
     assert store.sweep_orphan_files(3600) == 2
     assert store.blobs.keys("files") == sorted([kept.blob, "files/file-written-just-now"])
-    assert store.content("t", kept.id) == jsonl([line("a")])
+    assert content(store, "t", kept.id) == jsonl([line("a")])
 
 
 def test_signed_urls_expire_and_refuse_tampering():
@@ -316,7 +346,147 @@ def test_signed_urls_expire_and_refuse_tampering():
 
 
 def test_every_process_reads_the_same_signing_secret(database_url):
-    first, second = open_database(database_url), open_database(database_url)
+    first, second = Database(database_url), Database(database_url)
     assert shared_secret(first, "k") == shared_secret(second, "k") and len(shared_secret(first, "k")) == 32
-    first.dispose()
-    second.dispose()
+    first.close()
+    second.close()
+
+
+# ---- issue 25: what no line, batch or tenant may do to the others ---------------------------------------
+def expire_leases(store: BatchStore) -> None:
+    with store._session.begin() as session:
+        session.execute(update(ItemRow).values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+
+
+def test_a_line_whose_runners_keep_dying_is_abandoned_after_its_tries_not_retried_for_ever(store):
+    batch_id = started(store, "t", 2)
+    for attempt in range(1, 4):
+        taken = store.claim(f"runner-{attempt}", 2, 30, {}, 10, max_attempts=3)
+        assert [item.attempts for item in taken] == [attempt, attempt]  # each runner died holding them
+        expire_leases(store)
+    assert store.claim("runner-4", 2, 30, {}, 10, max_attempts=3) == []  # abandoned, not claimed a fourth time
+    assert store.finalize(batch_id, CANCELLED) == "completed"
+    assert store.counts([batch_id])[batch_id] == {"total": 2, "completed": 0, "failed": 2}
+    errors = [json.loads(x) for x in content(store, "t", store.batch("t", batch_id).error_file_id).splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [("c0", "runner_failed"), ("c1", "runner_failed")]
+
+
+def test_a_line_held_back_by_its_tenants_limits_is_not_counted_as_a_try(store):
+    started(store, "t", 1)
+    (item,) = store.claim("a", 1, 30, {}, 10)
+    store.release_item(item, "a", tried=False)
+    (again,) = store.claim("a", 1, 30, {}, 10)
+    assert again.attempts == 1
+
+
+def test_finalize_streams_the_output_instead_of_holding_it(store):
+    """Issue 25, finding 1: 64 results of 256 KiB (16 MiB of output) are assembled with a few hundred KiB
+    of Python memory at most, not the whole output (and its copies)."""
+    count, size = 64, 256 << 10
+    batch_id = started(store, "t", count)
+    taken = store.claim("a", count, 30, {}, count)
+    for item in taken:
+        payload = {**result(item), "response": {"status_code": 200, "body": {"data": [{"b64_json": "x" * size}]}}}
+        assert store.finish(item, "a", payload, 200)
+    tracemalloc.start()
+    try:
+        assert store.finalize(batch_id, CANCELLED) == "completed"
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    output = store.batch("t", batch_id).output_file_id
+    assert store.file("t", output).bytes > count * size
+    assert peak < 8 * size, f"finalize held {peak / 2**20:.1f} MiB at once"
+    assert [json.loads(x)["custom_id"] for x in content(store, "t", output).splitlines()] == [
+        f"c{i}" for i in range(count)
+    ]
+
+
+def test_a_result_the_store_lost_becomes_an_error_line_instead_of_stopping_the_batch(store):
+    batch_id = started(store, "t", 2)
+    for item in store.claim("a", 2, 30, {}, 10):
+        store.finish(item, "a", result(item), 200)
+    store.blobs.delete(f"batches/{batch_id}/results/{1:08d}.json")
+    assert store.finalize(batch_id, CANCELLED) == "completed"
+    batch = store.batch("t", batch_id)
+    [error] = [json.loads(x) for x in content(store, "t", batch.error_file_id).splitlines()]
+    assert error["custom_id"] == "c0" and error["error"]["code"] == "result_lost"
+
+
+def test_output_files_expire_with_their_batch_and_are_swept(store):
+    store.output_ttl_s = 60
+    batch_id = started(store, "t", 1)
+    (item,) = store.claim("a", 1, 30, {}, 10)
+    store.finish(item, "a", result(item), 200)
+    store.finalize(batch_id, CANCELLED)
+    batch = store.batch("t", batch_id)
+    output = store.file("t", batch.output_file_id)
+    assert output.expires_at == batch.expires_at + timedelta(seconds=60)
+    assert output.openai()["expires_at"] == int(output.expires_at.timestamp())
+    assert store.sweep_expired_files() == 0
+    with store._session.begin() as session:
+        session.execute(update(FileRow).where(FileRow.id == output.id).values(
+            expires_at=datetime.now(UTC) - timedelta(seconds=1)))  # fmt: skip
+    assert store.sweep_expired_files() == 1
+    with pytest.raises(NotFound):
+        store.file("t", output.id)
+    assert store.blobs.keys("files") == [store.file("t", batch.input_file_id).blob]
+
+
+def test_a_tenants_files_are_held_to_its_quota_and_a_refused_upload_leaves_nothing(store):
+    store.max_tenant_bytes = 100
+    store.create_file("t", "a.jsonl", "batch", io.BytesIO(b"x" * 60))
+    with pytest.raises(QuotaExceeded, match="batch.max_tenant_bytes"):
+        store.check_quota("t", 41)
+    with pytest.raises(QuotaExceeded):
+        store.create_file("t", "b.jsonl", "batch", io.BytesIO(b"y" * 41))
+    store.check_quota("other", 100)  # another tenant's quota is its own
+    assert store.stored_bytes("t") == 60 and len(store.blobs.keys("files")) == 1
+
+
+def test_deleted_tenants_batches_and_files_are_purged_and_no_one_elses(store):
+    gone, kept = started(store, "tenant_gone", 2), started(store, "tenant_kept", 1)
+    store.claim("a", 1, 30, {"tenant_kept": 0}, 10)  # a line of the gone tenant is running
+    assert store.purge_tenants({"tenant_kept", "default"}) == ["tenant_gone"]
+    with pytest.raises(NotFound):
+        store.batch(None, gone)
+    assert store.files("tenant_gone") == [] and store.batch("tenant_kept", kept).status == "in_progress"
+    assert [key.split("/")[1] for key in store.blobs.keys("files")] == [store.batch(None, kept).input_file_id]
+    assert store.purge_tenants({"tenant_kept", "default"}) == []
+
+
+def test_on_sqlite_a_read_does_not_wait_for_a_writer_and_no_result_is_written_under_the_lock(tmp_path):
+    """Issue 25, finding 10: reads were BEGIN IMMEDIATE too (waiting for any writer, up to the busy
+    timeout), and `finish` wrote its result blob while holding the write lock."""
+    path = tmp_path / "app.db"
+    held_while_writing: list[bool] = []
+
+    class ProbingBlobs(BlobStore):
+        def stage(self, key, data, writer=""):
+            probe = sqlite3.connect(path, timeout=0, isolation_level=None)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                held_while_writing.append(False)
+            except sqlite3.OperationalError:  # database is locked
+                held_while_writing.append(True)
+            finally:
+                probe.close()
+            return super().stage(key, data, writer)
+
+    database = Database(f"sqlite:///{path}")
+    store = BatchStore(database, ProbingBlobs(str(tmp_path / "store")))
+    batch_id = started(store, "t", 1)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            read = pool.submit(lambda: (store.batch("t", batch_id).status, store.counts([batch_id])[batch_id]))
+            assert read.result(timeout=10) == ("in_progress", {"total": 1, "completed": 0, "failed": 0})
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    (item,) = store.claim("a", 1, 30, {}, 10)
+    assert store.finish(item, "a", result(item), 200)
+    assert held_while_writing == [False]
+    database.close()

@@ -197,6 +197,30 @@ def test_bad_input_is_a_400_in_openai_shape_naming_the_field(url, body, param):
     assert param in error["message"]
 
 
+def test_an_open_service_takes_no_cross_site_request_and_only_its_media_types(url):
+    """Issue 25, finding 11: open (no keys, loopback), any web page its operator visits could POST to it.
+    A browser sends a cross-site POST without asking first only as text/plain, a form or multipart, and
+    says where it came from (Origin): such a request is refused before anything is read or run."""
+    body = b'{"prompt": "a cat", "size": "64x64", "stage1_steps": 1}'
+    generations = f"{url}/v1/images/generations"
+    for media in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": media} if media else {}
+        refused = httpx.post(generations, content=body, headers=headers, timeout=30)
+        assert refused.status_code == 415 and refused.json()["error"]["param"] == "Content-Type", media
+    json_headers = {"Content-Type": "application/json"}
+    for origin in ("https://evil.example", "null"):
+        refused = httpx.post(generations, content=body, headers={**json_headers, "Origin": origin}, timeout=30)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "cross_site_request", origin
+    upload = httpx.post(f"{url}/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "batch"},
+                        headers={"Origin": "https://evil.example"}, timeout=30)  # fmt: skip
+    assert upload.status_code == 403
+    cancel = httpx.post(f"{url}/v1/batches/batch_x/cancel", headers={"Content-Type": "text/plain"}, timeout=30)
+    assert cancel.status_code == 415
+    host = url.removeprefix("http://")
+    same_site = httpx.post(generations, content=body, headers={**json_headers, "Origin": f"http://{host}"}, timeout=120)
+    assert same_site.status_code == 200, same_site.text
+
+
 def test_openai_client_sees_errors_as_its_own_exceptions(client):
     with pytest.raises(openai.BadRequestError) as bad:
         generate(client, prompt="a", stage2_noise_level=-5)

@@ -47,11 +47,16 @@ def test_ray_serve_config_files_are_generated_from_ours(name, api_key_env):
     ServeDeploySchema.parse_obj(checked_in)  # Ray raises if its own schema rejects the file
 
 
-def test_cluster_config_requires_api_keys_when_listening_beyond_loopback(monkeypatch):
+def test_the_cluster_config_loads_without_its_secrets_but_will_not_serve_without_a_key(monkeypatch):
+    """Issue 25, finding 13: a manifest is written where no secret is (the config loads), while the service,
+    which listens beyond loopback, refuses to start without a key digest in IFSERVE_API_KEYS_SHA256."""
     monkeypatch.delenv("IFSERVE_API_KEYS_SHA256", raising=False)
+    config = load_config(ROOT / "deploy" / "cluster.yaml")
     with pytest.raises(InvalidParameter) as err:
-        load_config(ROOT / "deploy" / "cluster.yaml")
-    assert err.value.param == "http.host"
+        config.check_can_serve()
+    assert err.value.param == "auth.api_key_sha256_env" and "IFSERVE_API_KEYS_SHA256" in err.value.message
+    monkeypatch.setenv("IFSERVE_API_KEYS_SHA256", hash_key("a key"))
+    load_config(ROOT / "deploy" / "cluster.yaml").check_can_serve()
 
 
 BASE = {"model": {"id": "m", "checkpoints": "c"}}
@@ -70,6 +75,9 @@ BASE = {"model": {"id": "m", "checkpoints": "c"}}
         ({"cluster": {"resources": {"pool_stage1": 1}}}, "encoder.pool"),
         ({"model": {"id": "m", "checkpoints": "c", "family": "dall-e"}}, "model.family"),
         ({"http": {"host": "0.0.0.0"}}, "http.host"),
+        # Beyond loopback the links of `url` images must say where clients reach the service (issue 25).
+        ({"http": {"host": "0.0.0.0"}, "auth": {"require_key": True}}, "storage.public_url"),
+        ({"storage": {"public_url": "ftp://x"}}, "storage.public_url"),
         ({"auth": {"api_key_sha256": ["secret"]}}, "auth.api_key_sha256.0"),
         ({"kuberay": {"pools": {"pool_gpus": {}}}}, "kuberay.pools.pool_gpus"),
         ({"kuberay": {"pools": {"pool_stage1": {"memory": "lots"}}}}, "kuberay.pools.pool_stage1.memory"),
@@ -82,7 +90,8 @@ def test_bad_configs_name_the_field(override, param):
 
 
 def test_keys_are_stored_hashed_and_checked_by_hash():
-    config = parse_config({**BASE, "http": {"host": "0.0.0.0"}, "auth": {"api_key_sha256": [hash_key("k1")]}})
+    config = parse_config({**BASE, "http": {"host": "0.0.0.0"}, "auth": {"api_key_sha256": [hash_key("k1")]},
+                           "storage": {"public_url": "https://images.example.com"}})  # fmt: skip
     assert config.auth.accepts("k1") and not config.auth.accepts("k2") and not config.auth.accepts(None)
     assert "k1" not in config.model_dump_json()
 

@@ -150,7 +150,8 @@ def test_requests_are_checked_against_the_chosen_family(served):
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     response = post({"model": 3, "prompt": "a"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
-    nested = httpx.post(f"{url}/v1/images/generations", content=b"[" * 100_000, timeout=60)
+    nested = httpx.post(f"{url}/v1/images/generations", content=b"[" * 100_000, timeout=60,
+                        headers={"Content-Type": "application/json"})  # fmt: skip
     assert nested.status_code == 400 and nested.json()["error"]["param"] == "body"
     edit = httpx.post(
         f"{url}/v1/images/edits",

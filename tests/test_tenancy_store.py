@@ -29,16 +29,17 @@ def _rows(url: str, query: str) -> list[tuple]:
 
 def test_tenants_create_list_update_delete(store):
     made = store.create_tenant("acme", priority="batch", weight=2, rpm=60, ipm=120, max_concurrent=4)
-    assert made == Tenant("acme", "batch", 2.0, 60, 120, 4)
-    assert store.create_tenant("Beta.team_1-x") == Tenant("Beta.team_1-x")  # unlimited, interactive, weight 1
+    assert made == Tenant("acme", "batch", 2.0, 60, 120, 4, id=made.id)
+    beta = store.create_tenant("Beta.team_1-x")
+    assert beta == Tenant("Beta.team_1-x", id=beta.id)  # unlimited, interactive, weight 1
     assert [t.name for t in store.tenants()] == ["Beta.team_1-x", "acme"]
 
     updated = store.update_tenant("acme", rpm=None, weight=0.5)  # only the given fields change; None: unlimited
-    assert updated == Tenant("acme", "batch", 0.5, None, 120, 4)
-    assert store.tenant("acme") == updated
+    assert updated == Tenant("acme", "batch", 0.5, None, 120, 4, id=made.id)
+    assert store.tenant("acme") == updated and store.by_id(made.id) == updated
 
-    store.delete_tenant("acme")
-    assert store.tenants() == [Tenant("Beta.team_1-x")]
+    assert store.delete_tenant("acme") == updated
+    assert store.tenants() == [beta] and store.by_id(made.id) is None
     with pytest.raises(InvalidParameter, match=r"^tenant: no tenant 'acme'$"):
         store.tenant("acme")
 
@@ -57,7 +58,8 @@ def test_key_is_returned_once_and_stored_hashed(store, database_url):
     everything = " ".join(str(cell) for row in _rows(database_url, "SELECT * FROM api_keys") for cell in row)
     assert secret not in everything and secret[8:] not in everything  # the secret itself is nowhere
 
-    assert store.active_keys() == {hash_key(secret): Tenant("acme", rpm=10)}
+    assert store.active_keys() == {hash_key(secret): store.tenant("acme")}
+    assert store.active_keys()[hash_key(secret)].rpm == 10
     assert store.keys() == [info] and store.keys("acme") == [info]
 
 
@@ -112,13 +114,17 @@ def test_deleting_a_tenant_deletes_its_keys(store, database_url):
         (lambda s: s.create_tenant("x", weight=0), "weight", "> 0"),
         (lambda s: s.create_tenant("x", weight=-1.5), "weight", "> 0"),
         (lambda s: s.create_tenant("x", weight=float("nan")), "weight", "> 0"),
-        (lambda s: s.create_tenant("x", rpm=-1), "rpm", ">= 0"),
-        (lambda s: s.create_tenant("x", ipm=-5), "ipm", ">= 0"),
-        (lambda s: s.create_tenant("x", max_concurrent=-1), "max_concurrent", ">= 0"),
+        (lambda s: s.create_tenant("default"), "name", "the config's keys' tenant"),
+        (lambda s: s.create_tenant("x", rpm=-1), "rpm", ">= 1"),
+        (lambda s: s.create_tenant("x", rpm=0), "rpm", ">= 1"),
+        (lambda s: s.create_tenant("x", ipm=-5), "ipm", ">= 1"),
+        (lambda s: s.create_tenant("x", ipm=0), "ipm", ">= 1"),
+        (lambda s: s.create_tenant("x", max_concurrent=0), "max_concurrent", ">= 1"),
         (lambda s: s.create_tenant("x", rpm=1.5), "rpm", "whole number"),
         (lambda s: s.create_tenant("acme"), "name", "tenant 'acme' already exists"),
         (lambda s: s.update_tenant("acme", priority="later"), "priority", "unknown priority 'later'"),
-        (lambda s: s.update_tenant("acme", ipm=-1), "ipm", ">= 0"),
+        (lambda s: s.update_tenant("acme", ipm=-1), "ipm", ">= 1"),
+        (lambda s: s.update_tenant("acme", rpm=0), "rpm", ">= 1"),
         (lambda s: s.update_tenant("acme", colour="red"), "colour", "not a tenant setting"),
         (lambda s: s.update_tenant("nobody", rpm=1), "tenant", "no tenant 'nobody'"),
         (lambda s: s.delete_tenant("nobody"), "tenant", "no tenant 'nobody'"),
@@ -145,7 +151,7 @@ def test_a_second_store_sees_the_first_ones_changes(database_url):
         assert reader.active_keys() == {} and reader.tenants() == []
         writer.create_tenant("acme", rpm=10)
         info, secret = writer.create_key("acme")
-        assert reader.active_keys() == {hash_key(secret): Tenant("acme", rpm=10)}
+        assert reader.active_keys() == {hash_key(secret): writer.tenant("acme")}
         writer.update_tenant("acme", priority="batch")
         assert reader.active_keys()[hash_key(secret)].priority == "batch"
         writer.revoke_key(info.id)
@@ -173,7 +179,8 @@ def test_cli(tmp_path):
     secret = lines[-1]
     assert secret.startswith("ifs-") and "shown once" in done.stdout
     with TenantStore(db[1]) as store:
-        assert store.active_keys() == {hash_key(secret): Tenant("acme", "batch", 2.0, rpm=30)}
+        acme = store.tenant("acme")
+        assert store.active_keys() == {hash_key(secret): Tenant("acme", "batch", 2.0, rpm=30, id=acme.id)}
         [info] = store.keys()
 
     done = ifserve("tenants", "list", *db)
@@ -198,6 +205,7 @@ def test_cli(tmp_path):
     "args, field",
     [
         (["tenants", "create", "acme", "--priority", "urgent"], "priority"),
+        (["tenants", "create", "acme", "--rpm", "0"], "rpm"),
         (["keys", "create", "--tenant", "nobody"], "tenant"),
     ],
 )
@@ -207,3 +215,58 @@ def test_cli_errors_are_one_line_naming_the_field(tmp_path, args, field):
     assert done.stdout == ""
     [line] = [line for line in done.stderr.splitlines() if not line.startswith("[transformers]")]
     assert "error: " in line and f" {field}: " in line and "Traceback" not in done.stderr
+
+
+def test_a_tenant_made_again_under_its_name_gets_a_new_id(store):
+    """Files, batches, images and limits are keyed by the id: the new tenant inherits nothing."""
+    first = store.create_tenant("acme")
+    store.delete_tenant("acme")
+    second = store.create_tenant("acme")
+    assert first.id != second.id and first.id.startswith("tenant_") and len(first.id) == len("tenant_") + 24
+    assert store.ids() == {second.id}
+
+
+def test_migration_gives_existing_tenants_ids_and_their_rows_follow(database_url):
+    """A database at revision 0002 (tenants named in the batch tables) upgraded to the newest: each tenant
+    gets an id, and its files, batches and items name it by that id; the config's keys' rows keep
+    `default`, which is its id."""
+    from serve.database import create_database_engine, migrate
+
+    engine = create_database_engine(database_url)
+    migrate(engine, "0002")
+    now = "2026-01-01 00:00:00+00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"INSERT INTO tenants (name, priority, weight, created_at) VALUES ('acme', 'batch', 1, '{now}')")
+        )
+        for tenant, file_id in (("acme", "file-a"), ("default", "file-d")):
+            conn.execute(
+                text(
+                    f"INSERT INTO batch_files (id, tenant, filename, purpose, bytes, blob, created_at) "
+                    f"VALUES ('{file_id}', '{tenant}', 'in.jsonl', 'batch', 1, 'files/{file_id}', '{now}')"
+                )
+            )
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, tenant, endpoint, input_file_id, completion_window, status, "
+                f"created_at, expires_at) VALUES ('batch_a', 'acme', '/v1/images/generations', 'file-a', "
+                f"'24h', 'in_progress', '{now}', '{now}')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO batch_items (batch_id, line, custom_id, tenant, body, state, attempts) VALUES "
+                "('batch_a', 1, 'x', 'acme', '{}', 'queued', 0)"
+            )
+        )
+    migrate(engine)
+    engine.dispose()
+    with TenantStore(database_url) as store:
+        acme = store.tenant("acme")
+    assert acme.id.startswith("tenant_")
+    assert sorted(_rows(database_url, "SELECT id, tenant FROM batch_files")) == [
+        ("file-a", acme.id),
+        ("file-d", "default"),
+    ]
+    assert _rows(database_url, "SELECT tenant FROM batches") == [(acme.id,)]
+    assert _rows(database_url, "SELECT tenant FROM batch_items") == [(acme.id,)]

@@ -6,24 +6,36 @@
     GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
 
 They sit behind the API key like every route; a tenant sees only its own files and batches (anyone
-else's answers 404). Creating a batch only records it (`validating`) and wakes the runner
-(serve/batch/runner.py), which checks the input file and runs it.
+else's answers 404). An upload is admitted before its body is read (the tenant's request rate,
+concurrency and uploads in flight: serve/http_limits.py; its stored bytes against
+`batch.max_tenant_bytes`), read within `ingress.body_timeout_s`, spooled to disk as it arrives and copied
+into the store a chunk at a time; a download streams from the store the same way, or is sent from the
+store's folder by Ray's proxy itself (serve/proxy_files.py). Creating a batch only
+records it (`validating`) and wakes the runner (serve/batch/runner.py), which checks the input file and
+runs it. The database's work runs on its own threads (serve/workers.py); with the database away, these
+routes answer 503 with Retry-After.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serve.batch.store import BatchStore, Conflict, NotFound
+from serve.batch.lines import unstorable_line
+from serve.batch.store import BatchStore, Conflict, NotFound, QuotaExceeded
+from serve.blob_store import CHUNK
 from serve.config import ServeConfig
-from serve.http_common import ApiError, read_body, read_multipart
+from serve.http_common import JSON, ApiError, failure, read_body, require_media
+from serve.http_limits import Gate
+from serve.http_uploads import Uploads
 from serve.openai_api import json_object
+from serve.proxy_files import SENDFILE, SENDFILE_OK
+from serve.workers import DATABASE, STORE, run_on
 from stages.errors import InvalidParameter
 from stages.params import invalid_parameter
 
@@ -43,41 +55,53 @@ class BatchCreate(BaseModel):
     )
 
 
-def batch_routes(config: ServeConfig, store: BatchStore, wake_runner: Callable[[], Awaitable[None]]) -> APIRouter:
+def batch_routes(
+    config: ServeConfig, store: BatchStore, wake_runner: Callable[[], Awaitable[None]], gate: Gate, uploads: Uploads
+) -> APIRouter:
     router = APIRouter()
-    max_file = config.batch.max_file_bytes
+    max_file, timeout_s = config.batch.max_file_bytes, config.ingress.body_timeout_s
 
     def tenant(request: Request) -> str:
-        return request.state.tenant.name
+        return request.state.tenant.id
 
-    async def call(function, *args):
-        """A store call off the event loop, its errors in OpenAI's shape."""
+    async def call(function, *args, pool=DATABASE):
+        """A store call on its pool's threads, its errors in OpenAI's shape."""
         try:
-            return await asyncio.to_thread(function, *args)
+            return await run_on(pool, function, *args)
         except NotFound as err:
             raise ApiError(404, str(err), param=err.param, code="not_found") from None
         except Conflict as err:
             raise ApiError(409, str(err), code="batch_not_cancellable") from None
-        except InvalidParameter as err:
-            raise ApiError(400, str(err), param=err.param) from None
+        except QuotaExceeded as err:
+            raise ApiError(413, str(err), param="file", code="storage_quota_exceeded") from None
+        except Exception as err:  # noqa: BLE001 - a bad parameter (400), the database away (503), or a bug
+            raise failure(err) from None
 
     # ---- files --------------------------------------------------------------------------------------
     @router.post("/v1/files")
     async def create_file(request: Request) -> dict:
+        decision = None
         try:
-            fields, files, names = await read_multipart(request, max_file + (64 << 10), max_part=max_file, max_files=1)
-            purpose = fields.get("purpose")
-            if purpose not in PURPOSES:
-                raise InvalidParameter("purpose", f"must be one of {', '.join(PURPOSES)}, not {purpose!r}")
-            if len(files.get("file", [])) != 1:
-                raise InvalidParameter("file", "is required: one file, the batch's JSONL")
-        except InvalidParameter as err:
-            raise ApiError(400, str(err), param=err.param) from None
-        data = files["file"][0]
-        if len(data) > max_file:
-            raise ApiError(413, f"file: larger than {max_file} bytes (batch.max_file_bytes)", param="file",
-                           code="file_too_large")  # fmt: skip
-        row = await call(store.create_file, tenant(request), names.get("file") or "upload.jsonl", purpose, data)
+            async with uploads.form(request, max_part=64 << 10, max_files=1) as (form, decision):
+                purpose = form.fields.get("purpose")
+                if purpose not in PURPOSES:
+                    raise InvalidParameter("purpose", f"must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+                if len(form.files.get("file", [])) != 1:
+                    raise InvalidParameter("file", "is required: one file, the batch's JSONL")
+                (upload,) = form.files["file"]
+                if upload.size is not None and upload.size > max_file:
+                    raise ApiError(413, f"file: larger than {max_file} bytes (batch.max_file_bytes)", param="file",
+                                   code="file_too_large")  # fmt: skip
+                name = re.sub(r"[\x00-\x1f\x7f]", "_", upload.filename or "upload.jsonl") or "upload.jsonl"
+                await upload.seek(0)
+                bad = await run_on(STORE, unstorable_line, upload.file, config.batch_line_bytes())
+                if bad is not None:  # refused now, rather than failing its batch later
+                    raise InvalidParameter("file", bad)
+                await upload.seek(0)
+                row = await call(store.create_file, tenant(request), name, purpose, upload.file, pool=STORE)
+        except Exception as err:  # noqa: BLE001 - every refusal in OpenAI's shape (the lease is back already)
+            raise failure(err) from None
+        await gate.release(decision.lease)
         return row.openai()
 
     @router.get("/v1/files")
@@ -91,8 +115,21 @@ def batch_routes(config: ServeConfig, store: BatchStore, wake_runner: Callable[[
 
     @router.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str, request: Request):
-        data = await call(store.content, tenant(request), file_id)
-        return Response(data, media_type="application/jsonl")
+        row = await call(store.file, tenant(request), file_id)
+        local = store.blobs.local_path(row.blob)
+        if local is not None and request.headers.get(SENDFILE_OK):  # Ray's proxy sends it from the disk
+            headers = {"Content-Length": str(row.bytes), SENDFILE: local}
+            return Response(b"", media_type="application/jsonl", headers=headers)
+        source = await call(store.blobs.reader, row.blob, pool=STORE)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await run_on(STORE, source.read, CHUNK):
+                    yield chunk
+            finally:
+                await run_on(STORE, source.close)
+
+        return StreamingResponse(chunks(), media_type="application/jsonl", headers={"Content-Length": str(row.bytes)})
 
     @router.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str, request: Request) -> dict:
@@ -106,8 +143,10 @@ def batch_routes(config: ServeConfig, store: BatchStore, wake_runner: Callable[[
 
     @router.post("/v1/batches")
     async def create_batch(request: Request) -> dict:
+        require_media(request, JSON)
         try:
-            body = BatchCreate.model_validate(json_object(await read_body(request, config.ingress.max_body_bytes)))
+            fields = json_object(await read_body(request, config.ingress.max_body_bytes, timeout_s))
+            body = BatchCreate.model_validate(fields)
         except ValidationError as err:
             raise ApiError(400, str(invalid_parameter(err)), param=invalid_parameter(err).param) from None
         except InvalidParameter as err:
@@ -133,6 +172,7 @@ def batch_routes(config: ServeConfig, store: BatchStore, wake_runner: Callable[[
 
     @router.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str, request: Request) -> dict:
+        require_media(request, JSON)  # no body, but a browser's form could not say so: no cross-site cancel
         row = await call(store.cancel, tenant(request), batch_id)
         await wake_runner()
         return (await with_counts([row]))[0]

@@ -17,9 +17,12 @@ CANCELLING, CANCELLED = "cancelling", "cancelled"
 TERMINAL = (COMPLETED, FAILED, EXPIRED, CANCELLED)
 EVENTS = ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")
 
-# An item's states: waiting, claimed by a runner (with a lease), or finished one way or another.
-QUEUED, RUNNING, SUCCEEDED, ERRORED, SKIPPED = "queued", "running", "succeeded", "errored", "skipped"
-DONE = (SUCCEEDED, ERRORED, SKIPPED)
+# An item's states: waiting, claimed by a runner (with a lease), or finished one way or another: its
+# result written, skipped (its batch stopped first), or abandoned (runners died running it, every try).
+QUEUED, RUNNING, SUCCEEDED, ERRORED = "queued", "running", "succeeded", "errored"
+SKIPPED, ABANDONED = "skipped", "abandoned"
+DONE = (SUCCEEDED, ERRORED, SKIPPED, ABANDONED)
+WITHOUT_RESULT = (SKIPPED, ABANDONED)  # done, with an error line made at the end instead of a result
 
 
 def _epoch(when: datetime | None) -> int | None:
@@ -30,17 +33,19 @@ class FileRow(Base):
     __tablename__ = "batch_files"
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    tenant_id: Mapped[str] = mapped_column("tenant", String(64), index=True)  # Tenant.id, never its name
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     blob: Mapped[str] = mapped_column(String(255))  # its key in the blob store
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # a batch's output: deleted after this
 
     def openai(self) -> dict[str, Any]:
         return {
             "id": self.id, "object": "file", "bytes": self.bytes, "created_at": _epoch(self.created_at),
-            "filename": self.filename, "purpose": self.purpose, "status": "processed", "status_details": None,
+            "expires_at": _epoch(self.expires_at), "filename": self.filename, "purpose": self.purpose,
+            "status": "processed", "status_details": None,
         }  # fmt: skip
 
 
@@ -48,7 +53,7 @@ class BatchRow(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(48), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    tenant_id: Mapped[str] = mapped_column("tenant", String(64), index=True)
     endpoint: Mapped[str] = mapped_column(String(64))
     input_file_id: Mapped[str] = mapped_column(String(48))
     completion_window: Mapped[str] = mapped_column(String(8))
@@ -87,7 +92,7 @@ class ItemRow(Base):
     batch_id: Mapped[str] = mapped_column(String(48), ForeignKey("batches.id", ondelete="CASCADE"))
     line: Mapped[int]  # 1-based line of the input file
     custom_id: Mapped[str] = mapped_column(String(512))
-    tenant: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str] = mapped_column("tenant", String(64))
     body: Mapped[dict] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16))
     lease_owner: Mapped[str | None] = mapped_column(String(48))

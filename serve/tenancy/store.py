@@ -1,30 +1,34 @@
 """The tenants-and-keys database: tenants (priority, weight, rate and concurrency limits) and their API
-keys, of which only the SHA-256 is stored. SQLAlchemy 2.x over any URL it takes: an SQLite file by
-default, PostgreSQL when several machines share it. Each operation is one transaction, so a failed
-call leaves nothing half-written; every ingress replica re-reads `active_keys()` every few seconds,
-which is how a new, changed or revoked key takes effect without a restart."""
+keys, of which only the SHA-256 is stored. A tenant is known everywhere else (files, batches, images,
+limits) by its `id`, made when it is created and never reused: a tenant deleted and made again under the
+same name starts with nothing of the old one's. The name `default` belongs to the config's own keys.
+SQLAlchemy 2.x over any URL it takes: an SQLite file by default, PostgreSQL when several machines share
+it. Each operation is one transaction, so a failed call leaves nothing half-written; every ingress replica
+re-reads `active_keys()` every few seconds, which is how a new, changed or revoked key takes effect
+without a restart."""
 
 from __future__ import annotations
 
 import math
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Float, ForeignKey, String, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from serve.config import hash_key
-from serve.database import Base, UtcDateTime, open_database
+from serve.database import Base, Database, UtcDateTime
 from stages.errors import InvalidParameter
 from stages.fair_share import PRIORITIES  # in order of precedence
 
 LIMITS = ("rpm", "ipm", "max_concurrent")
 SETTINGS = ("priority", "weight", *LIMITS)  # what update_tenant may change
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEFAULT = "default"  # the config's keys' tenant: its id and name, never a database tenant's
 KEY_PREFIX = "ifs-"
 PREFIX_CHARS = 8  # of the secret kept in the clear, to recognise a key in a list
 
@@ -37,6 +41,9 @@ class Tenant:
     rpm: int | None = None  # requests per minute; None: unlimited
     ipm: int | None = None  # images per minute
     max_concurrent: int | None = None  # requests in flight at once
+    # Stable and never reused ("tenant_" + 24 hex digits; "default" for the config's keys): what files,
+    # batches, images and limits are keyed by.
+    id: str = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class TenantRow(Base):
     __tablename__ = "tenants"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(40), unique=True)  # Tenant.id
     name: Mapped[str] = mapped_column(String(64), unique=True)
     priority: Mapped[str] = mapped_column(String(16))
     weight: Mapped[float] = mapped_column(Float)
@@ -64,7 +72,7 @@ class TenantRow(Base):
     keys: Mapped[list[KeyRow]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
 
     def tenant(self) -> Tenant:
-        return Tenant(self.name, self.priority, self.weight, self.rpm, self.ipm, self.max_concurrent)
+        return Tenant(self.name, self.priority, self.weight, self.rpm, self.ipm, self.max_concurrent, id=self.uid)
 
 
 class KeyRow(Base):
@@ -87,6 +95,9 @@ def _checked(field: str, value: Any) -> Any:
     if field == "name":
         if not isinstance(value, str) or not NAME.match(value):
             raise InvalidParameter("name", f"{value!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if value == DEFAULT:
+            raise InvalidParameter("name", f"{DEFAULT!r} is the config's keys' tenant (auth.api_key_sha256); "
+                                   "choose another")  # fmt: skip
         return value
     if field == "priority":
         if value not in PRIORITIES:
@@ -97,19 +108,24 @@ def _checked(field: str, value: Any) -> Any:
             raise InvalidParameter("weight", f"must be a number > 0, got {value!r}")
         return float(value)
     if field in LIMITS:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise InvalidParameter(field, f"must be a whole number >= 0, or None for no limit; got {value!r}")
+        # 0 would refuse every request for ever: a tenant to shut out is deleted, or its keys revoked.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidParameter(field, f"must be a whole number >= 1, or None for no limit; got {value!r}")
         return value
     raise InvalidParameter(field, f"not a tenant setting; one of {', '.join(SETTINGS)}")
 
 
 class TenantStore:
-    def __init__(self, url: str):
-        self.engine = open_database(url)
-        self._session = sessionmaker(self.engine, expire_on_commit=False)
+    def __init__(self, database: str | Database):
+        self.database = database if isinstance(database, Database) else Database(database)
+        self._session = self.database.sessions
+
+    @property
+    def engine(self):
+        return self.database.engine
 
     def close(self) -> None:
-        self.engine.dispose()
+        self.database.close()
 
     def __enter__(self) -> TenantStore:
         return self
@@ -131,6 +147,7 @@ class TenantStore:
     ) -> Tenant:
         settings = dict(priority=priority, weight=weight, rpm=rpm, ipm=ipm, max_concurrent=max_concurrent)
         row = TenantRow(
+            uid="tenant_" + secrets.token_hex(12),
             name=_checked("name", name),
             created_at=datetime.now(UTC),
             **{field: _checked(field, value) for field, value in settings.items()},
@@ -153,10 +170,14 @@ class TenantStore:
                 setattr(row, field, value)
             return row.tenant()
 
-    def delete_tenant(self, name: str) -> None:
-        """Delete the tenant and all of its keys."""
+    def delete_tenant(self, name: str) -> Tenant:
+        """Delete the tenant and all of its keys. Its files, batches and images go too: the batch runner
+        ends and deletes those of every tenant that no longer exists (BatchStore.purge_gone_tenants)."""
         with self._session.begin() as session:
-            session.delete(self._tenant_row(session, name))
+            row = self._tenant_row(session, name)
+            tenant = row.tenant()
+            session.delete(row)
+        return tenant
 
     def tenants(self) -> list[Tenant]:
         with self._session() as session:
@@ -165,6 +186,17 @@ class TenantStore:
     def tenant(self, name: str) -> Tenant:
         with self._session() as session:
             return self._tenant_row(session, name).tenant()
+
+    def by_id(self, tenant_id: str) -> Tenant | None:
+        """The tenant with this id; None once it is deleted."""
+        with self._session() as session:
+            row = session.scalar(select(TenantRow).where(TenantRow.uid == tenant_id))
+            return None if row is None else row.tenant()
+
+    def ids(self) -> set[str]:
+        """Every tenant's id."""
+        with self._session() as session:
+            return set(session.scalars(select(TenantRow.uid)))
 
     # Keys
 
