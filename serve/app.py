@@ -2,7 +2,7 @@
 node of its family's graph (the text encoder, then its stages), each with its own pool, batching, queue
 and autoscaling options, all composed under one HTTP ingress.
 
-    serve run serve.app:app_builder config=deploy/local.yaml      # Ray's own CLI
+    serve run --name ifserve serve.app:app_builder config=deploy/local.yaml   # Ray's own CLI
     ifserve up --config deploy/local.yaml                          # ours: also starts a local Ray
 """
 
