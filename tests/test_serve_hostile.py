@@ -225,7 +225,7 @@ def _kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def test_uploads_and_downloads_stream_through_the_ingress(service):
+def test_uploads_and_downloads_stream_through_the_ingress(service, capsys):
     """Finding 1 and 2: a 48 MiB upload and its download raise the ingress's peak memory by a fraction of
     that (the upload is spooled to disk as it arrives, the download read from the store in chunks); they
     were held whole, with a copy."""
@@ -246,10 +246,11 @@ def test_uploads_and_downloads_stream_through_the_ingress(service):
                 received += len(chunk)
                 time.sleep(0.001)  # a client slower than the disk: nothing may pile up for it
     assert received == len(data)
-    print(
-        f"peak RSS growth, 48 MiB upload: ingress +{upload.mib:.1f} MiB, proxy +{upload_proxy.mib:.1f} MiB; "
-        f"download: ingress +{download.mib:.1f} MiB, proxy +{download_proxy.mib:.1f} MiB"
-    )
+    with capsys.disabled():  # printed whatever pytest's capture
+        print(
+            f"\npeak RSS growth, 48 MiB upload: ingress +{upload.mib:.1f} MiB, proxy +{upload_proxy.mib:.1f} MiB; "
+            f"download: ingress +{download.mib:.1f} MiB, proxy +{download_proxy.mib:.1f} MiB"
+        )
     assert max(upload.mib, upload_proxy.mib, download.mib, download_proxy.mib) < 24
     assert not list(SPOOL.iterdir())  # the proxy's spooled body is gone with its answer
 
@@ -440,7 +441,7 @@ def batch_lines(draw, valid: bool) -> list[bytes]:
     return lines
 
 
-def test_the_hostile_input_suite(service):
+def test_the_hostile_input_suite(service, capsys):
     """At least 1,000 requests generated from the service's OpenAPI schema (each operation, positive and
     negative data, surrogates and NULs in half the JSON bodies), from mallory, and 1,000 generated batch
     lines, from eve; meanwhile alice's batch must complete. No answer may be a 5xx and nothing may hang."""
@@ -526,10 +527,11 @@ def test_the_hostile_input_suite(service):
             service.ended("eve", batch_id, 300)
         except AssertionError:
             hung.append(batch_id)
-    print(f"hostile-input suite: {requests_sent} generated requests over {len(operations)} operations "
-          f"({dict(sent)}), {lines_sent} generated batch lines in {generated['batches']} files "
-          f"({len(batches)} batches created); {len(problems) + len(upload_errors)} 5xx or unanswered, "
-          f"{len(hung)} hung batches")  # fmt: skip
+    with capsys.disabled():  # the suite's count, printed whatever pytest's capture
+        print(f"\nhostile-input suite: {requests_sent} generated requests over {len(operations)} operations "
+              f"({dict(sent)}), {lines_sent} generated batch lines in {generated['batches']} files "
+              f"({len(batches)} batches created); {len(problems) + len(upload_errors)} 5xx or unanswered, "
+              f"{len(hung)} hung batches")  # fmt: skip
     assert problems == [] and upload_errors == [], (problems + upload_errors)[:10]
     assert requests_sent >= 1000 and lines_sent >= 1000
     assert hung == []
