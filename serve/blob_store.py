@@ -93,9 +93,6 @@ class BlobStore:
         """The blob as a file to read a chunk at a time (FileNotFoundError if there is none)."""
         return self.fs.open(self.path(key), "rb")
 
-    def size(self, key: str) -> int:
-        return self.fs.size(self.path(key))
-
     def local_path(self, key: str) -> str | None:
         """The blob's path on this machine's disk, when the store is a local folder (else None)."""
         from fsspec.implementations.local import LocalFileSystem

@@ -502,6 +502,10 @@ class ServeConfig(ModelGraph):
         )
         return max(1, min(self.batch.max_in_flight, slots - self.ingress.interactive_reserve))
 
+    def longest_request_s(self) -> float:
+        """The longest a request may hold a tenant's lease: its body's deadline, then its own, and a minute."""
+        return self.ingress.body_timeout_s + self.faults.timeout_s + 60
+
     def batch_line_bytes(self) -> int:
         """The longest batch input line: what its endpoint would take as a body (JSON, or an edit's pictures
         in base64), and a little more for the line around it."""

@@ -47,6 +47,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from serve.batch.routes import batch_routes
@@ -223,20 +224,17 @@ def build_http_app(
         return found[0].file if found else None
 
     async def answer(request: Request, target: ServedModel, body: ImageRequestBase, images: list[RequestParams],
-                     edit, prefix: str, decision: Decision, share: Share):  # fmt: skip
+                     edit, prefix: str, decision: Decision, share: Share, timeout_s: float | None):  # fmt: skip
         """Run an admitted request: its images (or its stream), then the lease back."""
         request_id = uuid.uuid4().hex
         tenant: Tenant = request.state.tenant
-        try:
-            deadline = target.orchestrator.deadline(requested_timeout(request))
-        except ApiError:
-            await gate.release(decision.lease)
-            raise
+        deadline = target.orchestrator.deadline(timeout_s)
         if body.stream:
             events = stream_events(target.orchestrator, request_id, images, edit, prefix, share, deadline)
-            return StreamingResponse(
+            return StreamingResponse(  # the lease back when the stream ends, or if it never starts
                 released(events, decision.lease), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **decision.headers},
+                background=BackgroundTask(gate.release, decision.lease),
             )  # fmt: skip
 
         async def publish(name: str, picture: bytes) -> str:
@@ -272,6 +270,7 @@ def build_http_app(
     @api.post("/v1/images/generations", openapi_extra=schema(generation_schemas, JSON))
     async def generations(request: Request):
         require_media(request, JSON)
+        timeout_s = requested_timeout(request)
         try:
             target, body, images = served.generation(json_object(await read_body(request, max_body, body_timeout)))
         except UnknownModel:
@@ -280,13 +279,14 @@ def build_http_app(
             raise failure(err) from None
         stages = target.orchestrator.deployments_for(images[0])
         decision, share = await gate.admit(request.state.tenant, target.id, len(images), target.units(images), stages)
-        return await answer(request, target, body, images, None, "image_generation", decision, share)
+        return await answer(request, target, body, images, None, "image_generation", decision, share, timeout_s)
 
     @api.post("/v1/images/edits", openapi_extra=schema(edit_schemas, MULTIPART) if edit_schemas else None)
     async def edits(request: Request):
         """OpenAI's image edit: `image` (and `mask`: inpainting) as files, the other fields as form fields.
         The tenant's request rate and concurrency are asked before the upload is read, its images after."""
         tenant: Tenant = request.state.tenant
+        timeout_s = requested_timeout(request)
         try:
             async with uploads.form(request, max_part=max_body, max_files=4) as (form, decision):
                 served.named(requested_model(form.fields))  # an unknown model is a 404 before the files are read
@@ -295,13 +295,13 @@ def build_http_app(
                 if form.files:
                     raise InvalidParameter(sorted(form.files)[0], "is not a file this endpoint takes (image, mask)")
                 target, body, images, edit = await run_on(PICTURES, served.edit, form.fields, image, mask, max_pixels)
+                stages, units = target.orchestrator.deployments_for(images[0]), target.units(images)
         except UnknownModel:
             raise
         except Exception as err:  # noqa: BLE001 - whatever was wrong with the upload, in OpenAI's shape
             raise failure(err) from None
-        stages = target.orchestrator.deployments_for(images[0])
-        decision, share = await gate.charge(decision, tenant, target.id, len(images), target.units(images), stages)
-        return await answer(request, target, body, images, edit, "image_edit", decision, share)
+        decision, share = await gate.charge(decision, tenant, target.id, len(images), units, stages)
+        return await answer(request, target, body, images, edit, "image_edit", decision, share, timeout_s)
 
     @app.get(IMAGE_ROUTE + "/{owner}/{name}", dependencies=[Depends(text_parameters)])
     async def image_file(owner: str, name: str, request: Request, expires: str | None = None,

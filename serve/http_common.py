@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.types import Message
 
+from serve.batch.store import QuotaExceeded
 from serve.database import UNAVAILABLE
 from serve.openai_api import RETRY_AFTER_S, check_text, error_response
 from serve.orchestrator import Overloaded, Unavailable
@@ -133,6 +134,8 @@ def failure(err: BaseException) -> ApiError:
         return err
     if isinstance(err, InvalidParameter):
         return ApiError(400, str(err), param=err.param)
+    if isinstance(err, QuotaExceeded):
+        return ApiError(413, str(err), param="file", code="storage_quota_exceeded")
     if isinstance(err, Overloaded):
         return ApiError(
             503, f"overloaded, retry later: {err}", kind="server_error", code="overloaded",

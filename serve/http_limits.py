@@ -1,7 +1,8 @@
 """The ingress's side of the tenant limits (serve/tenancy/limits.py): admit a request before any work (an
 upload before its body is read, its images once it is parsed), turn a refusal into OpenAI's shape (429
 with Retry-After; 503 when a stage is full or the service drains), keep the request's lease renewed while
-it runs, and give it back when it ends, even when the client went away."""
+it runs, and give it back when it ends, even when the client went away (a streamed answer's lease also
+when its stream never started; one no path gave back lapses after the longest a request may last)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class Gate:
-    def __init__(self, limits: DeploymentHandle, lease_s: float):
+    def __init__(self, limits: DeploymentHandle, lease_s: float, max_hold_s: float):
         self.limits = limits
-        self.keeper = LeaseKeeper(limits, lease_s)
+        self.keeper = LeaseKeeper(limits, lease_s, max_hold_s)
         self._releasing: set[asyncio.Task] = set()  # held until done: a dropped release keeps the slot taken
 
     async def admit(self, tenant: Tenant, model: str, images: int, units: float, stages: list[str]
@@ -45,12 +46,12 @@ class Gate:
         """An upload's images, now that its body is parsed, on the lease `admit_upload` took."""
         try:
             check_fits_a_minute(tenant, units)
-        except Exception:
+            charged: Decision = await self.limits.charge.remote(decision.lease, tenant, images, stages, units)
+        except BaseException:  # cancelled too (the client left): the lease back
             await self.release(decision.lease)
             raise
-        charged: Decision = await self.limits.charge.remote(decision.lease, tenant, images, stages, units)
         if not charged.allowed:
-            self.keeper.held.discard(decision.lease)
+            self.keeper.forget(decision.lease)
         return self._admitted(charged, tenant, model, images)
 
     def _admitted(self, decision: Decision, tenant: Tenant, model: str, images: int) -> tuple[Decision, Share]:

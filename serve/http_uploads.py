@@ -1,41 +1,47 @@
-"""The ingress's side of uploads (POST /v1/files, POST /v1/images/edits): who may upload, asked before any
-of the body is read, and the body as a multipart form.
+"""The ingress's side of uploads (POST /v1/files, POST /v1/images/edits) and of the files Ray's proxy sends:
+who may upload, asked before any of the body is read, and the body as a multipart form.
 
 With Ray's proxy running serve/proxy_files.py, the proxy asks `admit` first (through the Ingress
 deployment's `admit_upload`), writes the body to a file in `SPOOL`, and the route reads the form from
 that file with the lease `admit` took. Without it, the route admits the upload itself and reads the body
 as it arrives. Either way the tenant's limits are asked before the body is read, the body must arrive
 within `ingress.body_timeout_s`, and the form's files are spooled to disk, not held in memory.
+
+The proxy's `x-ifserve-*` headers are believed only with its token (`x-ifserve-proxy`), which the first
+ingress replica on the head writes into `SPOOL` (a folder only this user may use); a client without that
+middleware in front cannot send them.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 import re
 import secrets
-import tempfile
+import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from serve.batch.store import BatchStore, QuotaExceeded
+from serve.batch.store import BatchStore
 from serve.config import ServeConfig
 from serve.http_common import ApiError, Form, failure, multipart
 from serve.http_limits import Gate
-from serve.proxy_files import LEASE_HEADER, SPOOL_HEADER
+from serve.proxy_files import LEASE_HEADER, PROXY_HEADER, SPOOL, SPOOL_HEADER, TOKEN_FILE
 from serve.tenancy.directory import KeyDirectory
 from serve.tenancy.limits import Decision
 from serve.tenancy.store import Tenant
-from serve.workers import DATABASE, run_on
+from serve.workers import DATABASE, STORE, run_on
 
 log = logging.getLogger(__name__)
 
-SPOOL = Path(tempfile.gettempdir()) / "ifserve-spool"  # on the head, where the proxy and the ingress run
-FILES, EDITS = "/v1/files", "/v1/images/edits"
+FILES = "/v1/files"
 _NAME = re.compile(r"^[0-9a-f]{32}$")
 LEFTOVER_S = 3600.0  # a spooled body older than this was left by a proxy that died mid-way
 
@@ -67,16 +73,38 @@ def cross_site(headers: Mapping[str, str]) -> bool:
     return origin == "null" or urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
 
 
+def _spool_folder() -> tuple[Path, str]:
+    """`SPOOL`, made if missing, and its token (made once, kept across restarts). Refused if another user
+    made the folder (it could read or swap what is spooled there)."""
+    folder = Path(SPOOL)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise RuntimeError(f"{folder} must belong to this user alone (mode 0700): remove it and start again")
+    token_file = folder / TOKEN_FILE
+    try:
+        descriptor = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as sink:
+            sink.write(secrets.token_hex(32))
+    except FileExistsError:  # another replica made it
+        pass
+    for leftover in folder.iterdir():
+        try:
+            if leftover.name != TOKEN_FILE and leftover.stat().st_mtime < time.time() - LEFTOVER_S:
+                leftover.unlink()
+        except FileNotFoundError:  # another replica took it
+            pass
+    return folder, token_file.read_text().strip()
+
+
 class Uploads:
     def __init__(self, config: ServeConfig, directory: KeyDirectory, gate: Gate, batches: BatchStore):
         self.config, self.directory, self.gate, self.batches = config, directory, gate, batches
-        SPOOL.mkdir(mode=0o700, exist_ok=True)
-        for leftover in SPOOL.iterdir():
-            try:
-                if leftover.stat().st_mtime < time.time() - LEFTOVER_S:
-                    leftover.unlink()
-            except FileNotFoundError:  # another replica took it
-                pass
+        self.folder, self._token = _spool_folder()
+
+    def from_proxy(self, request: Request) -> bool:
+        """Whether the request came through serve/proxy_files.py, whose other x-ifserve-* headers hold."""
+        return hmac.compare_digest(request.headers.get(PROXY_HEADER, "").encode(), self._token.encode())
 
     def limit(self, path: str) -> int:
         """The most bytes an upload to `path` may have (a file and its form's other fields; an edit's)."""
@@ -91,40 +119,44 @@ class Uploads:
             if size > limit:
                 raise ApiError(413, f"body: larger than {limit} bytes", param="body", code="body_too_large")
             if path == FILES:
-                await self.check_quota(tenant, size)
+                await run_on(DATABASE, self.batches.check_quota, tenant.id, size)
             decision = await self.gate.admit_upload(tenant)
         except Exception as err:  # noqa: BLE001 - every refusal in OpenAI's shape, sent by the proxy
             response = failure(err).response()
             headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length",)}
             return {"refused": {"status": response.status_code, "body": bytes(response.body), "headers": headers}}
-        return {"spool": secrets.token_hex(16), "dir": str(SPOOL), "lease": decision.lease, "max_bytes": limit,
+        return {"spool": secrets.token_hex(16), "lease": decision.lease, "max_bytes": limit,
                 "timeout_s": self.config.ingress.body_timeout_s}  # fmt: skip
-
-    async def check_quota(self, tenant: Tenant, size: int) -> None:
-        try:
-            await run_on(DATABASE, self.batches.check_quota, tenant.id, size)
-        except QuotaExceeded as err:
-            raise ApiError(413, str(err), param="file", code="storage_quota_exceeded") from None
 
     @asynccontextmanager
     async def form(self, request: Request, max_part: int, max_files: int) -> AsyncIterator[tuple[Form, Decision]]:
         """The upload's form and its lease: from the proxy's spool file, or read here as it arrives (the
         tenant admitted first). On an error the lease is given back; otherwise the caller does."""
         tenant: Tenant = request.state.tenant
-        name = request.headers.get(SPOOL_HEADER)
-        spooled = None
+        name = request.headers.get(SPOOL_HEADER) if self.from_proxy(request) else None
+        spooled: BinaryIO | None = None
         if name is not None:
-            if not _NAME.match(name) or not (SPOOL / name).is_file():
-                raise ApiError(503, "upload: the proxy's spooled body is not here; send it again",
-                               kind="server_error", code="upload_lost", headers={"Retry-After": "1"})  # fmt: skip
             decision = Decision(True, lease=request.headers.get(LEASE_HEADER))
             self.gate.keeper.hold(decision.lease)
-            spooled = (SPOOL / name).open("rb")
         else:
             if request.url.path == FILES:
-                await self.check_quota(tenant, int(request.headers.get("content-length") or 0))
+                size = int(request.headers.get("content-length") or 0)
+                await run_on(DATABASE, self.batches.check_quota, tenant.id, size)
             decision = await self.gate.admit_upload(tenant)
         try:
+            if name is not None:
+                if not _NAME.match(name):
+                    raise ApiError(400, "x-ifserve-spool: not a spool file's name", param="x-ifserve-spool")
+                try:
+                    spooled = await run_on(STORE, (self.folder / name).open, "rb")
+                except FileNotFoundError:
+                    raise ApiError(
+                        503,
+                        "upload: the proxy's spooled body is not here; send it again",
+                        kind="server_error",
+                        code="upload_lost",
+                        headers={"Retry-After": "1"},
+                    ) from None
             limit, timeout_s = self.limit(request.url.path), self.config.ingress.body_timeout_s
             async with multipart(request, limit, timeout_s, max_part, max_files, spooled) as parsed:
                 yield parsed, decision
@@ -133,4 +165,4 @@ class Uploads:
             raise
         finally:
             if spooled is not None:
-                spooled.close()
+                await run_on(STORE, spooled.close)

@@ -51,7 +51,7 @@ class Ingress:
         self.links = ImageLinks.of(self.config, database)
         batch = self.config.batch
         self.batches = BatchStore(database, self.links.blobs, batch.output_ttl_s, batch.max_tenant_bytes)
-        self.gate = Gate(limits, self.config.tenancy.lease_s)
+        self.gate = Gate(limits, self.config.tenancy.lease_s, self.config.longest_request_s())
         self.uploads = Uploads(self.config, self.directory, self.gate, self.batches)
         self.deployments = [name for names in self.config.deployment_names() for name in names.values()]
 

@@ -181,6 +181,16 @@ def test_a_stale_holder_finishing_late_does_not_overwrite_the_result(store):
     assert store.counts([batch_id])[batch_id] == {"total": 1, "completed": 1, "failed": 0}
 
 
+def test_a_runner_renews_only_the_lines_it_runs(store):
+    """A line its runner dropped without handing it back (its tenant could not be read) lapses and is
+    claimed again, rather than being renewed for ever with the lines the runner still runs."""
+    started(store, "t", 2)
+    running, dropped = store.claim("a", 2, 0.2, {}, 10)
+    time.sleep(0.3)
+    assert store.renew("a", 30, [running.id]) == 1
+    assert [item.id for item in store.claim("b", 2, 30, {}, 10)] == [dropped.id]
+
+
 def test_renewed_leases_are_not_taken(store):
     started(store, "t", 1)
     store.claim("a", 1, 0.2, {}, 10)
@@ -445,14 +455,22 @@ def test_a_tenants_files_are_held_to_its_quota_and_a_refused_upload_leaves_nothi
 
 
 def test_deleted_tenants_batches_and_files_are_purged_and_no_one_elses(store):
-    gone, kept = started(store, "tenant_gone", 2), started(store, "tenant_kept", 1)
-    store.claim("a", 1, 30, {"tenant_kept": 0}, 10)  # a line of the gone tenant is running
-    assert store.purge_tenants({"tenant_kept", "default"}) == ["tenant_gone"]
+    from serve.tenancy.store import TenantStore
+
+    tenants = TenantStore(store.database)
+    doomed, kept = tenants.create_tenant("doomed"), tenants.create_tenant("kept")
+    gone, mine, default = (started(store, tenant, 2) for tenant in (doomed.id, kept.id, "default"))
+    store.claim("a", 1, 30, {kept.id: 0, "default": 0}, 10)  # a line of the doomed tenant is running
+    assert store.purge_deleted_tenants() == []  # every tenant still exists
+    tenants.delete_tenant("doomed")
+    assert store.purge_deleted_tenants() == [doomed.id]
     with pytest.raises(NotFound):
         store.batch(None, gone)
-    assert store.files("tenant_gone") == [] and store.batch("tenant_kept", kept).status == "in_progress"
-    assert [key.split("/")[1] for key in store.blobs.keys("files")] == [store.batch(None, kept).input_file_id]
-    assert store.purge_tenants({"tenant_kept", "default"}) == []
+    assert store.files(doomed.id) == []
+    assert {store.batch(None, b).status for b in (mine, default)} == {"in_progress"}  # the config's keys' too
+    inputs = {store.batch(None, b).input_file_id for b in (mine, default)}
+    assert {key.split("/")[1] for key in store.blobs.keys("files")} == inputs
+    assert store.purge_deleted_tenants() == []
 
 
 def test_on_sqlite_a_read_does_not_wait_for_a_writer_and_no_result_is_written_under_the_lock(tmp_path):

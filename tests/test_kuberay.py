@@ -166,6 +166,16 @@ def test_every_pool_is_offered_by_a_worker_group_that_scales_from_zero(cluster_c
     assert head_cpus >= math.ceil(ingress.num_replicas * ingress.num_cpus + cluster_config.batch.num_cpus)
 
 
+def published_ray_ports(manifest: dict) -> set[int]:
+    """Ray's ports on a Service KubeRay makes for the RayService: the head Service lists the head
+    container's ports (all of Ray's defaults when it lists none), the serve Service its own."""
+    cluster = manifest["spec"]["rayClusterConfig"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    head_ports = {port["containerPort"] for port in head.get("ports", [])} or {6379, 8265, 10001, 8000, 8080}
+    serve_ports = {port["port"] for port in manifest["spec"].get("serveService", {}).get("spec", {}).get("ports", [])}
+    return (head_ports | serve_ports) & RAY_PORTS
+
+
 def test_token_auth_is_on_and_no_ray_port_is_on_a_service(manifest):
     """Issue 25, finding 12. KubeRay makes each Service from the head container's ports (all of them when
     none is listed), and the serve Service from those named serve; the head Service is headless, so it
@@ -176,17 +186,16 @@ def test_token_auth_is_on_and_no_ray_port_is_on_a_service(manifest):
     assert tuple(int(n) for n in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # KubeRay's floor for tokens
     head = cluster["headGroupSpec"]
     assert head["serviceType"] == "ClusterIP" and head["headService"]["spec"]["clusterIP"] == "None"
-    (container,) = head["template"]["spec"]["containers"]
-    assert container["ports"], "no ports listed: KubeRay would publish all of Ray's defaults"
-    published = {port["containerPort"] for port in container["ports"]}
-    assert published & RAY_PORTS == {DASHBOARD_PORT}
-    serve_ports = manifest["spec"]["serveService"]["spec"]["ports"]
-    assert [port["port"] for port in serve_ports] == [8000] and not {p["port"] for p in serve_ports} & RAY_PORTS
+    assert published_ray_ports(manifest) == {DASHBOARD_PORT}
     for _, _, one in containers(manifest):
         assert not {port["containerPort"] for port in one.get("ports", [])} & (RAY_PORTS - {DASHBOARD_PORT})
-    # ... and the check can fail: a manifest that publishes the GCS is caught.
+    # ... and the check can fail: a head publishing the GCS, or listing no port at all, is caught.
+    publishing = yaml.safe_load(yaml.safe_dump(manifest))
+    (container,) = publishing["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
     container["ports"].append({"name": "gcs-server", "containerPort": 6379})
-    assert {port["containerPort"] for port in container["ports"]} & RAY_PORTS != {DASHBOARD_PORT}
+    assert published_ray_ports(publishing) == {DASHBOARD_PORT, 6379}
+    container["ports"] = []
+    assert published_ray_ports(publishing) == {DASHBOARD_PORT, 6379, 10001}
 
 
 def test_no_container_runs_as_root_or_may_become_root(manifest):

@@ -36,7 +36,7 @@ from serve.batch.tables import FileRow
 from serve.blob_store import BlobStore
 from serve.config import hash_key
 from serve.database import Database
-from serve.http_uploads import SPOOL
+from serve.proxy_files import SPOOL, TOKEN_FILE
 from serve.tenancy.store import TenantStore
 from tests.postgres import running_postgres
 from tests.serving import serving_config, wait_for
@@ -55,6 +55,7 @@ TENANTS = {
     "dave": {"ipm": 20},
     "uploader": {"rpm": 1},
     "slowpoke": {},
+    "single": {"max_concurrent": 1},
     "zed": {},
 }
 
@@ -252,7 +253,7 @@ def test_uploads_and_downloads_stream_through_the_ingress(service, capsys):
             f"download: ingress +{download.mib:.1f} MiB, proxy +{download_proxy.mib:.1f} MiB"
         )
     assert max(upload.mib, upload_proxy.mib, download.mib, download_proxy.mib) < 24
-    assert not list(SPOOL.iterdir())  # the proxy's spooled body is gone with its answer
+    assert [p.name for p in Path(SPOOL).iterdir()] == [TOKEN_FILE]  # the spooled body went with its answer
 
 
 def raw_request(service: Service, path: str, tenant: str, content_type: str, length: int, body: bytes = b""):
@@ -292,6 +293,47 @@ def test_uploads_are_admitted_before_their_body_is_read_and_must_arrive_in_time(
     assert [status_of(sock) for sock in stalled] == [408, 408]
     assert time.monotonic() - started < 30
     assert service.upload("slowpoke", jsonl([line("s")])).status_code == 200  # the slots came back
+
+
+def test_an_upload_refused_after_it_was_admitted_gives_its_slot_back(service):
+    """The proxy admits an upload (taking the tenant's one slot) before the ingress's route sees it; when
+    the route then refuses it (here a NUL in a query parameter), the slot must come back at once, not
+    stay renewed by the replica that admitted it. And a client cannot forge the proxy's headers."""
+    url = f"{service.url}/v1/files"
+    for _ in range(3):
+        refused = httpx.post(url + "?x=%00", headers=service.headers("single"), files={"file": ("a.jsonl", b"{}\n")},
+                             data={"purpose": "batch"}, timeout=60)  # fmt: skip
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "x", refused.text
+    accepted = service.upload("single", jsonl([line("s")]))
+    assert accepted.status_code == 200, accepted.text  # not 429: the three slots came back
+    forged = {**service.headers("single"), "x-ifserve-proxy": "0" * 64, "x-ifserve-sendfile-ok": "1",
+              "x-ifserve-spool": "0" * 32, "x-ifserve-lease": "someone-elses"}  # fmt: skip
+    content = httpx.get(f"{url}/{accepted.json()['id']}/content", headers=forged, timeout=60)
+    assert content.content == jsonl([line("s")]) and not [h for h in content.headers if h.startswith("x-ifserve")]
+    again = httpx.post(url, headers=forged, files={"file": ("b.jsonl", jsonl([line("t")]))}, data={"purpose": "batch"},
+                       timeout=60)  # fmt: skip
+    assert again.status_code == 200 and again.json()["bytes"] == len(jsonl([line("t")])), again.text
+
+
+def test_only_the_proxy_is_believed_about_spooled_uploads_and_files_to_send(service):
+    """The ingress believes x-ifserve-* request headers only with the token it wrote where only this user
+    (and so Serve's proxy, on the same head) can read it; without the proxy's middleware in front, a
+    client's forged headers are ignored (the service's ingress made the token)."""
+    from starlette.requests import Request
+
+    from serve.http_uploads import Uploads
+    from serve.proxy_files import PROXY_HEADER
+
+    uploads = Uploads.__new__(Uploads)
+    uploads.folder, uploads._token = Path(SPOOL), (Path(SPOOL) / TOKEN_FILE).read_text().strip()
+
+    def request(**headers) -> Request:
+        return Request({"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+
+    assert not uploads.from_proxy(request())
+    assert not uploads.from_proxy(request(**{PROXY_HEADER: "0" * 64}))
+    assert uploads.from_proxy(request(**{PROXY_HEADER: uploads._token}))
+    assert oct(Path(SPOOL).stat().st_mode & 0o777) == "0o700"
 
 
 def test_batch_lines_are_charged_against_the_tenants_limits_by_cost(service):

@@ -223,7 +223,7 @@ def test_a_tenant_made_again_under_its_name_gets_a_new_id(store):
     store.delete_tenant("acme")
     second = store.create_tenant("acme")
     assert first.id != second.id and first.id.startswith("tenant_") and len(first.id) == len("tenant_") + 24
-    assert store.ids() == {second.id}
+    assert [tenant.id for tenant in store.tenants()] == [second.id]
 
 
 def test_migration_gives_existing_tenants_ids_and_their_rows_follow(database_url):

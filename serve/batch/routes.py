@@ -25,9 +25,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 
 from serve.batch.lines import unstorable_line
-from serve.batch.store import BatchStore, Conflict, NotFound, QuotaExceeded
+from serve.batch.store import BatchStore, Conflict, NotFound
 from serve.blob_store import CHUNK
 from serve.config import ServeConfig
 from serve.http_common import JSON, ApiError, failure, read_body, require_media
@@ -72,8 +73,6 @@ def batch_routes(
             raise ApiError(404, str(err), param=err.param, code="not_found") from None
         except Conflict as err:
             raise ApiError(409, str(err), code="batch_not_cancellable") from None
-        except QuotaExceeded as err:
-            raise ApiError(413, str(err), param="file", code="storage_quota_exceeded") from None
         except Exception as err:  # noqa: BLE001 - a bad parameter (400), the database away (503), or a bug
             raise failure(err) from None
 
@@ -98,7 +97,8 @@ def batch_routes(
                 if bad is not None:  # refused now, rather than failing its batch later
                     raise InvalidParameter("file", bad)
                 await upload.seek(0)
-                row = await call(store.create_file, tenant(request), name, purpose, upload.file, pool=STORE)
+                stored = await call(store.store_file, tenant(request), name, purpose, upload.file, pool=STORE)
+                row = await call(store.record_file, stored)
         except Exception as err:  # noqa: BLE001 - every refusal in OpenAI's shape (the lease is back already)
             raise failure(err) from None
         await gate.release(decision.lease)
@@ -117,19 +117,21 @@ def batch_routes(
     async def file_content(file_id: str, request: Request):
         row = await call(store.file, tenant(request), file_id)
         local = store.blobs.local_path(row.blob)
-        if local is not None and request.headers.get(SENDFILE_OK):  # Ray's proxy sends it from the disk
-            headers = {"Content-Length": str(row.bytes), SENDFILE: local}
+        if local is not None and request.headers.get(SENDFILE_OK) and uploads.from_proxy(request):
+            headers = {"Content-Length": str(row.bytes), SENDFILE: local}  # Ray's proxy sends it from the disk
             return Response(b"", media_type="application/jsonl", headers=headers)
-        source = await call(store.blobs.reader, row.blob, pool=STORE)
+        try:
+            source = await run_on(STORE, store.blobs.reader, row.blob)
+        except FileNotFoundError:  # deleted since its row was read
+            raise ApiError(404, f"file_id: no file {file_id!r}", param="file_id", code="not_found") from None
 
         async def chunks() -> AsyncIterator[bytes]:
-            try:
-                while chunk := await run_on(STORE, source.read, CHUNK):
-                    yield chunk
-            finally:
-                await run_on(STORE, source.close)
+            while chunk := await run_on(STORE, source.read, CHUNK):
+                yield chunk
 
-        return StreamingResponse(chunks(), media_type="application/jsonl", headers={"Content-Length": str(row.bytes)})
+        closed = BackgroundTask(run_on, STORE, source.close)  # also when the client left before the first chunk
+        return StreamingResponse(chunks(), media_type="application/jsonl", headers={"Content-Length": str(row.bytes)},
+                                 background=closed)  # fmt: skip
 
     @router.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str, request: Request) -> dict:

@@ -7,7 +7,7 @@ Each round (when woken by the API, when an item finishes, or every `batch.poll_s
    the stages' slots are few: ServeConfig.batch_in_flight) and `max_in_flight_per_tenant` of one
    tenant, and send each through the same serving graph as /v1/images/generations, in its tenant's
    batch priority class;
-3. write each result, then mark its item done; renew the leases held;
+3. write each result, then mark its item done (a task of its own renews the leases of the lines it runs);
 4. end each batch whose items are all done: output and error files, then completed / cancelled / expired.
 
 Each line is charged against its tenant's limits like an interactive request (serve/tenancy/limits.py:
@@ -59,7 +59,7 @@ from serve.openai_api import error_body
 from serve.orchestrator import Overloaded, Unavailable, build_orchestrators
 from serve.served import ImageLinks, ServedModels, generate
 from serve.tenancy.directory import DEFAULT_TENANT
-from serve.tenancy.limits import Decision, LeaseKeeper, check_fits_a_minute
+from serve.tenancy.limits import OTHER, Decision, LeaseKeeper, check_fits_a_minute
 from serve.tenancy.store import Tenant, TenantStore
 from serve.workers import DATABASE, PICTURES, STORE, run_on
 from stages.errors import DeadlineExceeded, StageFailure
@@ -92,7 +92,7 @@ class BatchRunner:
         self.batch = self.config.batch
         self.served = ServedModels.of(self.config, build_orchestrators(self.config, graphs, admission=None))
         self.limits = limits
-        self.leases = LeaseKeeper(limits, self.config.tenancy.lease_s)
+        self.leases = LeaseKeeper(limits, self.config.tenancy.lease_s, self.config.longest_request_s())
         database = Database(self.config.tenancy.database)  # reached on the first round, not here
         self.links = ImageLinks.of(self.config, database)
         self.store = BatchStore(database, self.links.blobs, self.batch.output_ttl_s, self.batch.max_tenant_bytes)
@@ -105,8 +105,10 @@ class BatchRunner:
         self.trouble: dict[str, Trouble] = {}  # batch id -> its failures so far
         self.wake_event = asyncio.Event()
         self.rounds = 0
-        self.last_renew = self.last_sweep = self.last_purge = 0.0
+        self.last_sweep = self.last_purge = 0.0
         self.loop = asyncio.get_running_loop().create_task(self._run())
+        # Its own task, so that a long round (a large file validated) never lets a running line's lease lapse.
+        self.renewer = asyncio.get_running_loop().create_task(self._renew())
 
     # ---- called by the ingress ----------------------------------------------------------------------------
     async def wake(self) -> None:
@@ -124,8 +126,9 @@ class BatchRunner:
         }
 
     async def check_health(self) -> None:
-        if self.loop.done():  # Serve replaces a replica whose loop died
-            raise RuntimeError(f"the batch runner's loop ended: {self.loop.exception()!r}")
+        for task in (self.loop, self.renewer):
+            if task.done():  # Serve replaces a replica whose loop died
+                raise RuntimeError(f"the batch runner's loop ended: {task.exception()!r}")
 
     def __del__(self) -> None:
         """Stopped (redeploy, downscale): hand the unfinished items back, so the next runner starts them
@@ -150,27 +153,38 @@ class BatchRunner:
                 pass
             self.wake_event.clear()
 
+    async def _renew(self) -> None:
+        """Extend the leases of the lines this runner runs, every third of `batch.lease_s`."""
+        while True:
+            await asyncio.sleep(self.batch.lease_s / 3)
+            try:
+                await run_on(DATABASE, self.store.renew, self.owner, self.batch.lease_s, list(self.running))
+            except Exception:  # noqa: BLE001 - the database is away: tried again; the leases may lapse meanwhile
+                log.exception("batch runner: could not renew its lines' leases")
+
     async def _round(self) -> None:
         self.rounds += 1
         now = time.monotonic()
-        for row in await run_on(DATABASE, self.store.with_status, VALIDATING):
+        validating = await run_on(DATABASE, self.store.with_status, VALIDATING)
+        for row in validating:
             validate = functools.partial(self._validate, row.id, row.input_file_id, row.tenant_id, row.endpoint)
             await self._isolated(row.id, "validate", lambda work=validate: run_on(STORE, work))
         await run_on(DATABASE, self.store.expire_overdue)
         await run_on(DATABASE, self.store.skip_abandoned)
-        if now - self.last_renew > self.batch.lease_s / 3:
-            await run_on(DATABASE, self.store.renew, self.owner, self.batch.lease_s)
-            self.last_renew = now
         if now - self.last_purge > PURGE_EVERY_S:
             self.last_purge = now
             await self._purge_deleted_tenants()
         await self._claim()
         mine = {claimed.batch_id for claimed, _ in self.running.values()}
-        for row in await run_on(DATABASE, self.store.with_status, IN_PROGRESS, FINALIZING, CANCELLING):
+        running = await run_on(DATABASE, self.store.with_status, IN_PROGRESS, FINALIZING, CANCELLING)
+        for row in running:
             if row.id not in mine:
                 cause = "cancelled" if row.status == CANCELLING else "expired"
                 finalize = functools.partial(self.store.finalize, row.id, SKIPPED_ERRORS[cause])
                 await self._isolated(row.id, "finalize", lambda work=finalize: run_on(STORE, work))
+        live = {row.id for row in (*validating, *running)}
+        for batch_id in [batch_id for batch_id in self.trouble if batch_id not in live]:  # ended, or purged
+            del self.trouble[batch_id]
         if now - self.last_sweep > self.config.storage.sweep_s:
             self.last_sweep = now
             await run_on(STORE, self._sweep)
@@ -212,8 +226,7 @@ class BatchRunner:
 
     async def _purge_deleted_tenants(self) -> None:
         """Deleted tenants' batches end at once: their lines in flight are dropped, their rows and files go."""
-        tenants = await run_on(DATABASE, self.tenants.ids)
-        gone = await run_on(STORE, self.store.purge_tenants, tenants | {DEFAULT_TENANT.id})
+        gone = await run_on(STORE, self.store.purge_deleted_tenants, (DEFAULT_TENANT.id,))
         for tenant_id in gone:
             await run_on(STORE, self.links.delete_tenant, tenant_id)
         for claimed, task in list(self.running.values()):
@@ -267,6 +280,8 @@ class BatchRunner:
         claimed = await run_on(DATABASE, self.store.claim, self.owner, free, self.batch.lease_s, room,
                                self.batch.max_in_flight_per_tenant, MAX_ATTEMPTS)  # fmt: skip
         for item in claimed:
+            if item.id in self.running:  # cannot happen while its lease is renewed; never run a line twice
+                continue
             task = asyncio.get_running_loop().create_task(self._item(item))
             self.running[item.id] = (item, task)
             task.add_done_callback(lambda _, item_id=item.id: self._done(item_id))
@@ -285,9 +300,13 @@ class BatchRunner:
 
     async def _admit(self, item: Claimed, tenant: Tenant, images: int, units: float) -> Decision | None:
         """The tenant's limits, as for an interactive request (no stage room: the runner's lines have theirs
-        set aside). Refused: the line goes back to the queue, not counted as a try, and the tenant's lines
-        wait out its Retry-After."""
-        decision: Decision = await self.limits.acquire.remote(tenant, images, [], units)
+        set aside). Refused, or the limits not answering: the line goes back to the queue, not counted as a
+        try, and the tenant's lines wait out its Retry-After."""
+        try:
+            decision: Decision = await self.limits.acquire.remote(tenant, images, [], units)
+        except Exception as err:  # noqa: BLE001 - TenantLimits restarting: not the line's fault
+            log.warning("batch %s line %d: the tenant limits did not answer (%s)", item.batch_id, item.line, err)
+            decision = Decision(False, {"Retry-After": "2"}, "unavailable")
         if decision.allowed:
             self.leases.hold(decision.lease)
             return decision
@@ -312,12 +331,16 @@ class BatchRunner:
 
         try:
             tenant = await self._tenant(item.tenant_id)
-        except Exception as err:  # noqa: BLE001 - the database is away: the line's lease runs out, it runs later
+        except Exception as err:  # noqa: BLE001 - the database is away: the line's lease lapses, it runs later
             log.warning("batch %s line %d: cannot read its tenant (%s)", item.batch_id, item.line, err)
             return
         if tenant is None:  # deleted: its batches are being purged
             return
-        share = Share(tenant.id, BATCH, tenant.weight, await self.limits.label.remote(tenant.name))
+        try:
+            label = await self.limits.label.remote(tenant.name)
+        except Exception:  # noqa: BLE001 - TenantLimits restarting: its metrics under "other"
+            label = OTHER
+        share = Share(tenant.id, BATCH, tenant.weight, label)
         decision = None
         try:
             target, body, images, edit = await run_on(PICTURES, self._parse, item.endpoint, item.body)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, BinaryIO
 
-from sqlalchemy import delete, func, insert, not_, or_, select, update
+from sqlalchemy import column, delete, func, insert, or_, select, table, text, update
 from sqlalchemy.orm import Session
 
 from serve.batch.tables import (
@@ -149,25 +149,38 @@ class BatchStore:
         with self._session() as session:
             return session.scalar(_stored(tenant_id))
 
-    def check_quota(self, tenant_id: str, more: int) -> None:
-        """QuotaExceeded if the tenant's files and `more` bytes exceed its quota (before an upload is read)."""
-        if self.max_tenant_bytes is not None and self.stored_bytes(tenant_id) + more > self.max_tenant_bytes:
+    def check_quota(self, tenant_id: str, more: int, session: Session | None = None) -> None:
+        """QuotaExceeded if the tenant's files and `more` bytes exceed its quota (before an upload is read,
+        and again, in the transaction that records it)."""
+        if self.max_tenant_bytes is None:
+            return
+        if session is None:
+            with self._session() as session:
+                return self.check_quota(tenant_id, more, session)
+        if session.scalar(_stored(tenant_id)) + more > self.max_tenant_bytes:
             raise QuotaExceeded(f"file: this key's files would take more than {self.max_tenant_bytes} bytes "
                                 "(batch.max_tenant_bytes); delete some first")  # fmt: skip
 
     def create_file(self, tenant_id: str, filename: str, purpose: str, source: BinaryIO) -> FileRow:
         """Copy an uploaded file (a file object, read a chunk at a time) into the store and record it."""
+        return self.record_file(self.store_file(tenant_id, filename, purpose, source))
+
+    def store_file(self, tenant_id: str, filename: str, purpose: str, source: BinaryIO) -> FileRow:
+        """An upload's blob, copied into the store: the row to record (`record_file`), not yet recorded."""
         row = FileRow(id=new_id("file-"), tenant_id=tenant_id, filename=filename[:255], purpose=purpose, bytes=0,
                       created_at=_now())  # fmt: skip
         row.blob = file_key(row.id)
         row.bytes = self.blobs.write_from(row.blob, source)
+        return row
+
+    def record_file(self, row: FileRow) -> FileRow:
+        """Record a stored upload within its tenant's quota (its blob is deleted if that fails). On
+        PostgreSQL one upload of a tenant is recorded at a time, so two cannot both fit the same room."""
         try:
             with self._session.begin() as session:
-                if self.max_tenant_bytes is not None:
-                    held = session.scalar(_stored(tenant_id))
-                    if held + row.bytes > self.max_tenant_bytes:
-                        raise QuotaExceeded(f"file: this key's files would take more than {self.max_tenant_bytes} "
-                                            "bytes (batch.max_tenant_bytes); delete some first")  # fmt: skip
+                if self.max_tenant_bytes is not None and not self.database.sqlite:  # SQLite: its write lock
+                    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:tenant))"), {"tenant": row.tenant_id})
+                self.check_quota(row.tenant_id, row.bytes, session)
                 session.add(row)
         except BaseException:
             self.blobs.delete(row.blob)
@@ -374,15 +387,15 @@ class BatchStore:
                                          item.body, item.attempts))  # fmt: skip
         return taken
 
-    def renew(self, owner: str, lease_s: float) -> int:
-        """Extend every lease `owner` still holds (one run out but not yet taken by another too); how many."""
+    def renew(self, owner: str, lease_s: float, ids: Collection[int] | None = None) -> int:
+        """Extend the leases `owner` still holds (one run out but not yet taken by another too), only those of
+        `ids` when given (the lines it is running: one it dropped lapses and is claimed again); how many."""
+        held = (ItemRow.lease_owner == owner) & (ItemRow.state == RUNNING)
+        if ids is not None:
+            held = held & ItemRow.id.in_(list(ids))
+        until = _now() + timedelta(seconds=lease_s)
         with self._session.begin() as session:
-            result = session.execute(
-                update(ItemRow)
-                .where(ItemRow.lease_owner == owner, ItemRow.state == RUNNING)
-                .values(lease_until=_now() + timedelta(seconds=lease_s))
-            )
-            return result.rowcount
+            return session.execute(update(ItemRow).where(held).values(lease_until=until)).rowcount
 
     def finish(self, item: Claimed, owner: str, line: dict, status_code: int | None) -> bool:
         """Write the item's result line and mark it done, if `owner` still holds it (False otherwise: its
@@ -577,13 +590,15 @@ class BatchStore:
             self.blobs.delete(row.blob)
         return len(rows)
 
-    def purge_tenants(self, keep: set[str]) -> list[str]:
-        """Delete the files, batches (with their items) of every tenant not in `keep` (tenants that were
-        deleted): rows first, then blobs. The runner's work on their lines finds no row and is dropped.
-        The tenants purged."""
+    def purge_deleted_tenants(self, keep: Collection[str] = ("default",)) -> list[str]:
+        """Delete the files and batches (with their items) of every tenant that is no longer in the tenants'
+        table (it was deleted) and not in `keep` (the config's keys' tenant has no row): rows first, then
+        blobs. The runner's work on their lines finds no row and is dropped. The tenants purged."""
+        tenants = select(column("uid")).select_from(table("tenants"))  # serve/tenancy/store.py's ids
         owned = (
-            select(BatchRow.tenant_id).where(not_(BatchRow.tenant_id.in_(keep)))
-            .union(select(FileRow.tenant_id).where(not_(FileRow.tenant_id.in_(keep)), FileRow.tenant_id != ""))
+            select(BatchRow.tenant_id).where(BatchRow.tenant_id.not_in(tenants), BatchRow.tenant_id.not_in(keep))
+            .union(select(FileRow.tenant_id).where(FileRow.tenant_id.not_in(tenants), FileRow.tenant_id.not_in(keep),
+                                                   FileRow.tenant_id != ""))
         )  # fmt: skip
         with self._session() as session:
             gone = sorted(session.scalars(owned))

@@ -98,6 +98,8 @@ class _Lease:
     tenant_id: str
     expiry: float
     upload: bool = False  # still reading its body
+    stages: list[str] = field(default_factory=list)  # the room it holds (TenantLimits): these stages' ...
+    images: int = 0  # ... this many images each
 
 
 def check_fits_a_minute(tenant: Tenant, units: float) -> None:
@@ -180,8 +182,13 @@ class RateLimiter:
                 headers[f"x-ratelimit-reset-{kind}"] = duration(bucket.reset_s())
         return headers
 
-    def release(self, lease: str | None) -> None:
-        self._leases.pop(lease, None)
+    def release(self, lease: str | None) -> _Lease | None:
+        """The lease ends; what it was (None: it had ended already)."""
+        return self._leases.pop(lease, None)
+
+    def hold_room(self, lease: str, stages: list[str], images: int) -> None:
+        """Record the stage room the lease holds, given back when it ends."""
+        self._leases[lease].stages, self._leases[lease].images = stages, images
 
     def renew(self, leases: list[str]) -> list[str]:
         """Keep these leases for another `lease_s`; those no longer held (released, or lapsed: a lapsed one
@@ -195,10 +202,6 @@ class RateLimiter:
             else:
                 held.expiry = expiry
         return gone
-
-    def holds(self, lease: str) -> bool:
-        """Whether the lease is still taken (neither released nor expired)."""
-        return lease in self._leases
 
     @property
     def in_flight(self) -> int:
@@ -217,13 +220,11 @@ class RateLimiter:
         bucket.refill(per_minute, now)  # a changed limit applies at once
         return bucket
 
-    def expire(self) -> list[str]:
-        """Drop the leases whose holder stopped renewing them; which."""
+    def expire(self) -> list[_Lease]:
+        """Drop the leases whose holder stopped renewing them; what they were."""
         now = self.clock()
         gone = [lease for lease, held in self._leases.items() if held.expiry <= now]
-        for lease in gone:
-            del self._leases[lease]
-        return gone
+        return [self._leases.pop(lease) for lease in gone]
 
 
 def duration(seconds: float) -> str:
@@ -251,7 +252,6 @@ class TenantLimits:
         self.stages = StageRoom(rooms or {}, reserved)
         self.refresh_s = refresh_s
         self._refreshed = -math.inf
-        self._held: dict[str, tuple[list[str], int]] = {}  # lease -> the stages and images it holds
         self.draining = False
 
     # async: they run one at a time on the replica's event loop, never on two threads at once.
@@ -278,7 +278,7 @@ class TenantLimits:
         decision = self.limiter.acquire(tenant, images if units is None else units, upload)
         if decision.allowed and decision.lease:
             self.stages.take(stages, images)
-            self._held[decision.lease] = (stages, images)
+            self.limiter.hold_room(decision.lease, stages, images)
         return decision
 
     async def charge(self, lease: str, tenant: Tenant, images: int, stages: list[str], units: float) -> Decision:
@@ -293,7 +293,7 @@ class TenantLimits:
         decision = self.limiter.charge(lease, tenant, units)
         if decision.allowed:
             self.stages.take(stages, images)
-            self._held[lease] = (stages, images)
+            self.limiter.hold_room(lease, stages, images)
         return decision
 
     def _no_room(self, tenant: Tenant, stages: list[str], images: int) -> Decision | None:
@@ -304,9 +304,9 @@ class TenantLimits:
         return Decision(False, headers, "overloaded", label=self.limiter.label(tenant.name))
 
     async def release(self, lease: str | None) -> None:
-        self.limiter.release(lease)
-        if lease in self._held:
-            self.stages.give(*self._held.pop(lease))
+        ended = self.limiter.release(lease)
+        if ended is not None:
+            self.stages.give(ended.stages, ended.images)
 
     async def renew(self, leases: list[str]) -> list[str]:
         """Their holder is alive: keep these leases another `lease_s`. Those no longer held."""
@@ -315,9 +315,8 @@ class TenantLimits:
 
     def _expire(self) -> None:
         """Leases whose holder stopped renewing them (it died) end, and give their stage room back."""
-        for lease in self.limiter.expire():
-            if lease in self._held:
-                self.stages.give(*self._held.pop(lease))
+        for ended in self.limiter.expire():
+            self.stages.give(ended.stages, ended.images)
 
     async def drain(self) -> int:
         """Refuse every new request from now on; the requests in flight, which the caller waits for."""
@@ -350,32 +349,43 @@ class TenantLimits:
 
 class LeaseKeeper:
     """The leases one process (an ingress replica, the batch runner) holds at TenantLimits, renewed every
-    quarter of `lease_s` while held: a lease outlives its holder by at most `lease_s`."""
+    quarter of `lease_s` while held, for at most `max_hold_s` each: a lease outlives its holder by at most
+    `lease_s`, and one its holder forgot to give back (a request that ended some way no code saw) lapses
+    after `max_hold_s`, the longest a request may last."""
 
-    def __init__(self, limits: DeploymentHandle, lease_s: float):
-        self.limits, self.every_s = limits, lease_s / 4
-        self.held: set[str] = set()
+    def __init__(self, limits: DeploymentHandle, lease_s: float, max_hold_s: float):
+        self.limits, self.every_s, self.max_hold_s = limits, lease_s / 4, max_hold_s
+        self.held: dict[str, float] = {}  # lease -> when it stops being renewed
         self._renewer: asyncio.Task | None = None
 
     def hold(self, lease: str | None) -> None:
         if lease is None:
             return
-        self.held.add(lease)
+        self.held.setdefault(lease, time.monotonic() + self.max_hold_s)
         if self._renewer is None or self._renewer.done():  # started in the replica's event loop
             self._renewer = asyncio.get_running_loop().create_task(self._renew())
 
+    def forget(self, lease: str | None) -> None:
+        """Stop renewing the lease (it ended at TenantLimits)."""
+        self.held.pop(lease, None)
+
     async def release(self, lease: str | None) -> None:
         """Give the lease back now (its request ended)."""
-        self.held.discard(lease)
+        self.forget(lease)
         if lease is not None:
             await self.limits.release.remote(lease)
 
     async def _renew(self) -> None:
         while self.held:
             await asyncio.sleep(self.every_s)
+            now = time.monotonic()
+            for lease in [lease for lease, until in self.held.items() if until <= now]:
+                log.warning("a tenant lease was never given back; letting it lapse")
+                self.forget(lease)
             try:
                 gone = await self.limits.renew.remote(list(self.held))
             except Exception as err:  # noqa: BLE001 - tried again next time; the leases may lapse meanwhile
                 log.warning("could not renew %d tenant leases: %s", len(self.held), err)
                 continue
-            self.held.difference_update(gone)  # released by another holder (an upload's), or lapsed
+            for lease in gone:  # released by another holder (an upload's), or lapsed
+                self.forget(lease)

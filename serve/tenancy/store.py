@@ -193,11 +193,6 @@ class TenantStore:
             row = session.scalar(select(TenantRow).where(TenantRow.uid == tenant_id))
             return None if row is None else row.tenant()
 
-    def ids(self) -> set[str]:
-        """Every tenant's id."""
-        with self._session() as session:
-            return set(session.scalars(select(TenantRow.uid)))
-
     # Keys
 
     def create_key(self, tenant: str) -> tuple[KeyInfo, str]:
