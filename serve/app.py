@@ -38,8 +38,8 @@ def on_the_head(num_cpus: float) -> dict[str, Any]:
     return {"num_cpus": num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}}
 
 
-def _model_options(graph: ModelGraph) -> dict[str, Any]:
-    """What a replica needs to load its part of the model."""
+def _model_options(graph: ModelGraph, node: str) -> dict[str, Any]:
+    """What the replica of one node ("text_encoder", or a stage) needs to load its part of the model."""
     model = graph.model
     return dict(
         id=model.id,
@@ -47,16 +47,15 @@ def _model_options(graph: ModelGraph) -> dict[str, Any]:
         checkpoints=str(graph.checkpoint_root()),  # absolute: replicas need not share our working directory
         device=model.device,
         dtype=model.dtype,
+        text_encoder_dtype=model.encoder_dtype,
         variant=model.variant,
-        batch_invariant=model.batch_invariant,
+        batch_invariant=model.invariance(node),  # this node's mode: "split", "per_task" or "off"
         safety_checker=model.safety_checker,
-        text_encoder_8bit=model.text_encoder_8bit,
     )
 
 
 def build_graph(graph: ModelGraph, names: dict[str, str], faults: FaultsConfig) -> dict[str, Application]:
     """One model's deployments by node ("text_encoder", then each stage), each on its own pool."""
-    model = _model_options(graph)
     enc = graph.encoder
     health = dict(
         health_check_period_s=faults.health_check_period_s, health_check_timeout_s=faults.health_check_timeout_s
@@ -64,7 +63,7 @@ def build_graph(graph: ModelGraph, names: dict[str, str], faults: FaultsConfig) 
     faults_options = faults.model_dump()
     nodes = {
         "text_encoder": TextEncoder.options(name=names["text_encoder"], **enc.deployment_options(), **health).bind(
-            model=model,
+            model=_model_options(graph, "text_encoder"),
             max_batch_size=enc.max_batch_size,
             batch_wait_timeout_s=enc.batch_wait_timeout_s,
             cache_size=enc.cache_size,
@@ -75,7 +74,7 @@ def build_graph(graph: ModelGraph, names: dict[str, str], faults: FaultsConfig) 
     for spec in graph.family.stages:
         stage = graph.stages[spec.name]
         nodes[spec.name] = Stage.options(name=names[spec.name], **stage.deployment_options(), **health).bind(
-            model=model,
+            model=_model_options(graph, spec.name),
             stage=spec.name,
             max_batch_size=stage.max_batch_size,
             mode=stage.mode,

@@ -337,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": _demo,
             "serve-config": _serve_config,
             "profile": cli_capacity.profile,
+            "estimate": cli_capacity.estimate,
             "plan": cli_capacity.plan,
             "bench": cli_capacity.bench,
             "tenants": cli_tenancy.tenants,

@@ -46,8 +46,14 @@ def _fields(text: str) -> dict:
 def add_parsers(sub) -> None:
     pr = sub.add_parser("profile", help="measure each stage's step and image cost against batch size and threads")
     pr.add_argument("--family", default=DEFAULT_FAMILY, help=f"model family (default {DEFAULT_FAMILY})")
-    pr.add_argument("--checkpoints", type=Path, required=True, help="the family's checkpoint folder")
+    pr.add_argument("--checkpoints", type=Path, help="the family's checkpoint folder (not with --random-weights)")
     pr.add_argument("--preset", help="write this preset there first if the folder is empty (and record it)")
+    pr.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --preset's models with random weights in memory, on the device, in --dtype: no checkpoint "
+        "folder and no disk (IF's full preset in float16 on a GPU); costs what the released weights cost",
+    )
     pr.add_argument("--device", default="cpu", help="cpu, or cuda for one GPU")
     pr.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     pr.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=[1, 2, 4, 8])
@@ -55,8 +61,39 @@ def add_parsers(sub) -> None:
         "--threads", type=_ints("--threads"), help="torch thread counts to try (CPU; default 1 and every core)"
     )
     pr.add_argument("--repeats", type=int, default=3, help="timed calls per point, at least (median)")
-    pr.add_argument("--no-batch-invariant", action="store_true", help="profile with batch invariance off")
+    pr.add_argument(
+        "--batch-invariance",
+        choices=["split", "per_task", "off"],
+        default="split",
+        help="the stages' invariance mode to profile (model.batch_invariance; default split)",
+    )
+    pr.add_argument("--no-batch-invariant", action="store_true", help="the same as --batch-invariance off")
     pr.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+
+    es = sub.add_parser(
+        "estimate", help="a GPU profile estimated from the model configs alone, until one has been measured"
+    )
+    es.add_argument("--family", default=DEFAULT_FAMILY, help=f"model family (default {DEFAULT_FAMILY})")
+    es.add_argument("--preset", default="full", help="the family's preset whose configs are estimated (default full)")
+    es.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16")
+    es.add_argument(
+        "--text-encoder-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="the text encoder's dtype (model.text_encoder_dtype; default --dtype)",
+    )
+    es.add_argument("--batch-invariance", choices=["split", "per_task", "off"], default="split")
+    es.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=[1, 2, 4, 8, 16])
+    es.add_argument("--gpu-name", default="NVIDIA H100 80GB HBM3", help="what the profile names the GPU")
+    es.add_argument("--gpu-memory-gib", type=float, default=79.0, help="memory of the GPU (default an H100's 79)")
+    es.add_argument(
+        "--tflops",
+        type=float,
+        default=200.0,
+        help="sustained TFLOPS assumed in float16/bfloat16 (float32: a quarter); default 200, about 20%% of an "
+        "H100 SXM's dense peak",
+    )
+    es.add_argument("--launch-us", type=float, default=10.0, help="microseconds assumed per kernel launch")
+    es.add_argument("--out", type=Path, required=True, help="profile JSON to write")
 
     pl = sub.add_parser("plan", help="batch sizes, replicas, threads/GPUs and autoscaling from a profile and a load")
     pl.add_argument("--profile", type=Path, required=True, help="a profile JSON (`ifserve profile`)")
@@ -115,7 +152,12 @@ def profile(args) -> int:
 
     family = get_family(args.family)
     root = args.checkpoints
-    if args.preset and (not root.is_dir() or not any(root.iterdir())):
+    if args.random_weights:
+        if not args.preset or root is not None:
+            raise InvalidParameter("--random-weights", "takes --preset and no --checkpoints: nothing is read")
+    elif root is None:
+        raise InvalidParameter("--checkpoints", "is required (or --random-weights with --preset)")
+    elif args.preset and (not root.is_dir() or not any(root.iterdir())):
         print(f"writing the {args.preset} preset to {root}", flush=True)
         write_checkpoints(family, args.preset, root)
     threads = args.threads or sorted({1, hardware(args.device).cores})
@@ -126,17 +168,46 @@ def profile(args) -> int:
         root,
         device=args.device,
         torch_dtype=getattr(torch, args.dtype),
-        batch_invariant=not args.no_batch_invariant,
+        batch_invariant="off" if args.no_batch_invariant else args.batch_invariance,
         batch_sizes=args.batch_sizes,
         threads=threads,
         repeats=args.repeats,
         preset=args.preset,
         command=command,
         progress=lambda line: print(f"profiling {line} ...", flush=True),
+        random_weights=args.random_weights,
     )
     result.save(args.out)
     print(_profile_table(result))
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def estimate(args) -> int:
+    from serve.planner import estimate_profile
+
+    command = "ifserve " + " ".join(shlex.quote(a) for a in args.argv)
+    result = estimate_profile(
+        args.family,
+        preset=args.preset,
+        dtype=args.dtype,
+        text_encoder_dtype=args.text_encoder_dtype,
+        invariance=args.batch_invariance,
+        batch_sizes=args.batch_sizes,
+        gpu_name=args.gpu_name,
+        gpu_memory_gib=args.gpu_memory_gib,
+        tflops=args.tflops,
+        launch_us=args.launch_us,
+        command=command,
+    )
+    result.save(args.out)
+    print(_profile_table(result))
+    gib = 1 << 30
+    for name, stage in [("text_encoder", result.encoder), *result.stages.items()]:
+        peaks = ", ".join(f"batch {b} {v / gib:.1f}" for b, v in stage.peak_memory_bytes.items())
+        weights = stage.weights_bytes
+        print(f"{name}: weights {weights / gib:.2f} GiB ({weights / 1e9:.2f} GB); peak GiB {peaks}")
+    print(f"wrote {args.out}: an estimate ({result.hardware.name}); measure with `ifserve profile --device cuda`")
     return 0
 
 

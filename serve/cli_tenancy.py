@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-
-from serve.tenancy.store import PRIORITIES, KeyInfo, Tenant, TenantStore
 from stages.errors import InvalidParameter
+from stages.fair_share import PRIORITIES
+
+# SQLAlchemy and the store are imported by the commands that use them, not when `ifserve` builds its
+# parser: `ifserve profile`, `generate` and `checkpoints` run without the serving stack.
+if TYPE_CHECKING:
+    from serve.tenancy.store import KeyInfo, Tenant, TenantStore
 
 
 def _limit(text: str) -> int | None:
@@ -70,7 +73,11 @@ def add_parsers(sub) -> None:
 
 
 def _store(args) -> TenantStore:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     from serve.config import load_config
+    from serve.tenancy.store import TenantStore
 
     config = load_config(args.config, **{"tenancy.database": args.database})
     try:

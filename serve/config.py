@@ -1,8 +1,8 @@
 """The serving config: one YAML file, validated by this schema, says which models and checkpoints,
 which pool each stage runs on, and each stage's batching, queue limits and autoscaling.
 
-    model:    {id, family, checkpoints, preset, device, dtype, variant, batch_invariant, safety_checker,
-               text_encoder_8bit}
+    model:    {id, family, checkpoints, preset, device, dtype, text_encoder_dtype, variant, batch_invariance,
+               safety_checker}
     cluster:  the logical resources `ifserve up` declares when it starts a local Ray
     http:     {host, port}                 auth: {api_key_sha256: [...], api_key_sha256_env, require_key}
     tenancy:  {database, database_env, refresh_s, top_tenants, lease_s, max_uploads}   (`ifserve tenants`, `keys`)
@@ -21,7 +21,9 @@ which pool each stage runs on, and each stage's batching, queue limits and autos
     models:   [{model, encoder, stages}, ...]   more models served beside the first, each on its own pools
 
 Every field has a default except the model; errors name the field (`stages.stage1.max_batch_size`,
-`models.0.stages.denoiser.pool`).
+`models.0.stages.denoiser.pool`). A key that was renamed or removed is refused, naming it and showing
+what to write instead (`model.batch_invariant`, `model.text_encoder_8bit`): a config that means
+something else than it says is worse than one that does not load.
 """
 
 from __future__ import annotations
@@ -151,27 +153,91 @@ class IngressConfig(_Strict):
     interactive_reserve: int = Field(1, ge=0)
 
 
+Dtype = Literal["float32", "float16", "bfloat16"]
+# How a deployment keeps each task's result independent of its batch-mates (stages/batch_invariance.py):
+# "split" (batch-sensitive ops per task: bit for bit the reference), "per_task" (one model call per task:
+# bit for bit, no batching gain), "off" (one plain batched call: within ~1e-3 of the reference).
+Invariance = Literal["split", "per_task", "off"]
+INVARIANCE_MODES = ("split", "per_task", "off")
+ENCODER_NODE = "text_encoder"  # the text encoder's key wherever deployments are named by node
+
+# Keys that no longer exist: each refused with what to write instead (the old value shown where it matters).
+_REPLACED_MODEL_KEYS = {
+    "batch_invariant": lambda old: (
+        "renamed to model.batch_invariance, one mode for every deployment or a mapping by deployment: "
+        f"write `batch_invariance: {'off' if old is False else 'split'}`"
+        + (" (false was one plain batched call)" if old is False else " (true was the split kernels)")
+        + ", or e.g. `batch_invariance: {stage1: split, stage3: off}`; modes split, per_task, off"
+    ),
+    "text_encoder_8bit": lambda old: (
+        "removed: 8-bit T5 ran on the CPU and its outlier columns depended on the batch-mates; "
+        "write `text_encoder_dtype: bfloat16` (T5 in bfloat16 on the GPU, ~9.5 GB; float16 keeps T5's "
+        "`wo` layers in float32, ~11.5 GB)"
+    ),
+}
+
+
 class ModelConfig(_Strict):
     id: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._:/-]+$")]  # the `model` clients name
     family: str = DEFAULT_FAMILY  # a registered family, or `package.module:ATTRIBUTE` (stages/families)
     checkpoints: str  # folder with the family's pipeline folders (relative paths: to the working directory)
     preset: str | None = None  # `ifserve up` writes this preset of the family if the folder is empty
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"  # "cpu", or "cuda": then every deployment needs num_gpus > 0
+    dtype: Dtype = "float32"
+    # The text encoder's own dtype (None: `dtype`), e.g. T5 in bfloat16 beside float16 stages: under
+    # float16 transformers keeps T5's `wo` layers in float32 (T5's `_keep_in_fp32_modules`), under
+    # bfloat16 it keeps nothing back. T5-v1.1-XXL's encoder: ~11.5 GB in float16, ~9.5 GB in bfloat16.
+    text_encoder_dtype: Dtype | None = None
     variant: str | None = None  # e.g. "fp16" weight files
-    # Each request's image equals what it would be alone, whatever shared its batches (stages/batch_invariance.py).
-    batch_invariant: bool = True
+    # Each request's image equals what it would be alone, whatever shared its batches: one mode for every
+    # deployment, or a mapping deployment node ("text_encoder", or a stage of the family) -> mode, the
+    # nodes left out "split".
+    batch_invariance: Invariance | dict[str, Invariance] = "split"
     # Final images pass the family's safety checker and watermark (IF's, from IF-I's folder); a flagged
     # image is blacked out and the response says so.
     safety_checker: bool = False
-    # T5 in 8-bit (bitsandbytes, CUDA only), as the seed's code does for GPUs with less memory.
-    text_encoder_8bit: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, advice in _REPLACED_MODEL_KEYS.items():
+                if key in data:
+                    raise ValueError(f"{key}: {advice(data[key])}")
+        return data
 
     @field_validator("family")
     @classmethod
     def _known_family(cls, value: str) -> str:
         get_family(value)
         return value
+
+    @field_validator("batch_invariance", mode="before")
+    @classmethod
+    def _modes(cls, value: Any) -> Any:
+        """YAML reads an unquoted `off` as false (and `on` as true): those are "off" (and "split")."""
+
+        def mode(item: Any) -> Any:
+            item = {False: "off", True: "split"}.get(item, item) if isinstance(item, bool) else item
+            if item not in INVARIANCE_MODES:
+                modes = ", ".join(INVARIANCE_MODES)
+                raise ValueError(f"must be one of {modes}, or a mapping deployment -> one of them, got {item!r}")
+            return item
+
+        return {node: mode(item) for node, item in value.items()} if isinstance(value, dict) else mode(value)
+
+    def invariance(self, node: str) -> str:
+        """The batch-invariance mode of one deployment: ENCODER_NODE or a stage's name."""
+        modes = self.batch_invariance
+        return modes if isinstance(modes, str) else modes.get(node, "split")
+
+    @property
+    def encoder_dtype(self) -> str:
+        return self.text_encoder_dtype or self.dtype
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 class ClusterConfig(_Strict):
@@ -375,25 +441,43 @@ class ModelGraph(_Strict):
             raise ValueError(
                 f"model.preset: {family.name} has no preset {self.model.preset!r}; it has {', '.join(family.presets)}"
             )
-        for option in ("safety_checker", "text_encoder_8bit"):
-            lacking = getattr(self.model, option) and family.option_error(option)
-            if lacking:
-                raise ValueError(f"model.{option}: {lacking}")
+        lacking = self.model.safety_checker and family.option_error("safety_checker")
+        if lacking:
+            raise ValueError(f"model.safety_checker: {lacking}")
         known = [s.name for s in family.stages]
         unknown = sorted(set(self.stages) - set(known))
         if unknown:
             raise ValueError(f"stages: {self.model.family} has no stage {unknown[0]!r}; it has {', '.join(known)}")
+        modes = self.model.batch_invariance
+        foreign = sorted(set(modes) - {ENCODER_NODE, *known}) if isinstance(modes, dict) else []
+        if foreign:
+            raise ValueError(
+                f"model.batch_invariance: {self.model.family} has no deployment {foreign[0]!r}; "
+                f"it has {', '.join([ENCODER_NODE, *known])}"
+            )
         for name in known:  # a stage left out of the file runs with the defaults on its own pool
             self.stages.setdefault(name, StageConfig(pool=f"pool_{name}"))
         if "encoder" not in self.model_fields_set:  # as a stage left out: on a pool of its own
             words = re.sub(r"(?<!^)(?=[A-Z][a-z])", "_", family.encoder_title).lower()
             self.encoder.pool = "pool_" + re.sub(r"[^a-z0-9_]", "_", words)
-        on_cpu = self.model.device == "cpu"
-        if on_cpu and self.model.text_encoder_8bit:
-            raise ValueError("model.text_encoder_8bit: 8-bit T5 needs bitsandbytes and a CUDA GPU (model.device)")
+        on_cpu, device = self.model.device == "cpu", self.model.device
         for name, stage in self.stages.items():
             if stage.cpu_offload and (on_cpu or not stage.num_gpus):
                 raise ValueError(f"stages.{name}.cpu_offload: needs a GPU (model.device cuda and num_gpus > 0)")
+        # Every deployment loads onto model.device: on a GPU each needs a share of one from Ray (else Ray
+        # places it where no GPU is, or lets it crowd a GPU other replicas were given); on the CPU a GPU
+        # share would only hold a GPU nothing uses.
+        for field, replica in self.replicas():
+            if self.model.on_gpu and not replica.num_gpus:
+                raise ValueError(
+                    f"{field}.num_gpus: model.device is {device}, so this deployment needs a GPU from Ray: "
+                    "num_gpus > 0 (a fraction such as 0.25 shares one GPU among deployments)"
+                )
+            if on_cpu and replica.num_gpus:
+                raise ValueError(
+                    f"{field}.num_gpus: model.device is cpu, so the {replica.num_gpus:g} GPU asked for would sit "
+                    "idle: set model.device: cuda, or num_gpus: 0"
+                )
         return self
 
     @property

@@ -9,6 +9,7 @@ the same loop over `EncoderEngine`, behind an LRU cache of embeddings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from stages.encoding import EncoderEngine, EncodeRequest
 from stages.fair_share import DEFAULT_SHARE, Share
 from stages.families import get_family
 from stages.family import TEXT_TO_IMAGE
+from stages.images import to_uint8
 from stages.scheduler import StageScheduler
 from stages.stage_loop import StageLoop
 from stages.task import EditImages
@@ -51,12 +53,13 @@ def _load_options(model: dict) -> dict:
         device=model["device"],
         torch_dtype=DTYPES[model["dtype"]],
         variant=model["variant"],
-        batch_invariant=model["batch_invariant"],
+        batch_invariant=model["batch_invariant"],  # this deployment's mode: "split", "per_task" or "off"
     )
 
 
 def _encoder_options(model: dict) -> dict:
-    return {**_load_options(model), **({"text_encoder_8bit": True} if model.get("text_encoder_8bit") else {})}
+    # The text encoder in its own dtype (model.text_encoder_dtype, e.g. T5 in bfloat16 beside float16 stages).
+    return {**_load_options(model), "torch_dtype": DTYPES[model.get("text_encoder_dtype") or model["dtype"]]}
 
 
 def _stage_options(model: dict, cpu_offload: bool) -> dict:
@@ -224,9 +227,13 @@ class Stage(_LoopReplica):
             request_id, request, whose, step_cost=self.spec.output_size**2, deadline=deadline
         )
         presented = None
-        if final and self.engine.safety is not None:
+        if final:  # beside the step loop: the safety checker, and the picture in 8 bits for the ingress
             loop = asyncio.get_running_loop()
-            presented = await loop.run_in_executor(self.presenter, self.engine.present, output.image)
+            if self.engine.safety is not None:
+                presented = await loop.run_in_executor(self.presenter, self.engine.present, output.image)
+            output = dataclasses.replace(
+                output, image=await loop.run_in_executor(self.presenter, to_uint8, output.image)
+            )
         return StageResult(output, [*(previous.records if previous else []), record], presented)
 
     def stats(self) -> dict:

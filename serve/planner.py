@@ -21,6 +21,22 @@ The model, per stage i of the family:
   the saturation point when the load is a concurrency or nothing;
 - GPU fit: the profile's peak memory at the batch (weights and activations) must fit the card; else a
   smaller batch, and when not even one fits, what to do (float16, CPU offload, a device map over GPUs).
+- fewer GPUs than deployments (`--gpus 1` for four): they share. Every deployment gets one replica and,
+  as its `num_gpus`, the share of a GPU's usable memory (90 %) it needs at its batch: peak memory
+  (weights and activations) plus a CUDA context per replica. Ray packs fractional GPUs so that no card's
+  shares pass 1, so no card's memory is oversubscribed. Batches shrink, the one that frees the most
+  memory first, until every deployment fits; if they cannot at batch 1, the plan is refused with what
+  they need. The deployments then take turns on the same GPUs, as stages share a CPU's cores:
+      X = min( gpus / sum_i p_i * c_i ,  min_i r_i / (p_i * c_i) ).
+- estimates (`estimate_profile`, `ifserve estimate`): until a GPU has been profiled, a profile made from
+  the family's model configs alone, built on the meta device (no weights, no GPU): weights in bytes as
+  loading holds them (transformers keeps a model's `_keep_in_fp32_modules` in float32 under float16
+  only: T5-v1.1-XXL's encoder is 4,762,310,656 parameters, its 24 `wo` layers 1,006,632,960 of them, so
+  2 x 4.76e9 + 2 x 1.01e9 bytes = 11.5 GB in float16 and 9.5 GB in bfloat16), the activations' peak
+  (live tensors of one forward at each batch), and a step's time as the larger of its FLOPs at an
+  assumed sustained rate and its kernel launches at an assumed cost each (batch invariance "split" runs
+  the batch-sensitive ops once per task: more launches, same FLOPs; "per_task" a whole call per task).
+  Every number it gives is an estimate, and the profile says so in its hardware name and command.
 """
 
 from __future__ import annotations
@@ -35,12 +51,17 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 from stages.errors import InvalidParameter
+from stages.estimates import estimate_profile, loaded_bytes, weights_bytes  # noqa: F401 - the planner's too
 from stages.families import get_family
 from stages.family import TEXT_TO_IMAGE, ModelFamily
 from stages.profiling import Profile, StageProfile
 
 ENCODER = "text_encoder"
 GIB = 1 << 30
+# Each replica on a GPU holds a CUDA context and cuBLAS/cuDNN workspaces besides its tensors (what torch's
+# peak memory counts): about this much, counted when deployments share a GPU.
+CUDA_CONTEXT_BYTES = 768 << 20
+USABLE = 0.9  # of a GPU's memory: the allocator's fragmentation and the driver get the rest
 
 
 class MixEntry(BaseModel):
@@ -131,6 +152,7 @@ class Plan:
     # threads, plus one in transit. More only slices the cores thinner (measured: 3 in flight on 2 cores
     # gave 1.1x the throughput of 7). None on GPUs, where each replica has its own.
     in_flight: int | None = None
+    shared_gpus: bool = False  # fewer GPUs than deployments: fractional num_gpus, turns on the same cards
 
     @property
     def on_gpu(self) -> bool:
@@ -154,9 +176,11 @@ class Plan:
                 f"| {s.utilisation:.0%} | {memory} |"
             )
         hardware = self.profile.hardware.label
+        sharing = " shared by every deployment" if self.shared_gpus else ""
         lines += [
             "",
-            f"hardware: {hardware} ({self.cores} cores" + (f", {self.gpus} GPUs)" if self.on_gpu else ")"),
+            f"hardware: {hardware} ({self.cores} cores"
+            + (f", {self.gpus} GPU{'s' if self.gpus != 1 else ''}{sharing})" if self.on_gpu else ")"),
             f"predicted saturated throughput: {self.throughput:.4f} requests/s ({60 * self.throughput:.2f}/min)",
             f"compute bound: {self.bound:.4f} requests/s ({60 * self.bound:.2f}/min); "
             f"the plan reaches {self.throughput / self.bound:.0%} of it",
@@ -237,7 +261,8 @@ class Plan:
             needed += data.get("batch", {}).get("num_cpus", 0.1)  # the batch runner
             cluster["num_cpus"] = float(math.ceil(needed))
         else:
-            cluster["num_gpus"] = float(sum(s.gpus * s.max_replicas for s in self.stages))
+            shares = sum(s.gpus * s.max_replicas for s in self.stages)
+            cluster["num_gpus"] = float(self.gpus if self.shared_gpus else shares)
         return data
 
 
@@ -287,7 +312,7 @@ def plan(
     cores = cores or profile.hardware.cores
     memory = gpu_memory_bytes or profile.hardware.accelerator_memory_bytes
     warnings: list[str] = []
-    choices = [_encoder_choice(profile.encoder, objectives, gpu)]
+    choices = [_encoder_choice(profile.encoder, objectives, profile, memory)]
     for spec in family.stages:
         if spec.name not in profile.stages:
             raise InvalidParameter("profile", f"has no stage {spec.name!r} of {family.name}")
@@ -297,15 +322,22 @@ def plan(
     if objectives.p95_s is not None:
         _meet_latency(choices, profile, objectives.p95_s, cores)
 
-    # CPU: every replica shares the cores, so the machine saturates at cores / (core-seconds per request).
-    saturation = math.inf if gpu else cores / sum(c.core_s for c in choices)
+    shared = bool(gpu and gpus and gpus < len(choices))
+    if shared:
+        _share_memory(choices, profile, gpus, memory)
+    # CPU: every replica shares the cores, so the machine saturates at cores / (core-seconds per request);
+    # so do GPUs that every deployment shares, at gpus / (GPU-seconds per request).
+    if shared:
+        saturation = gpus / sum(c.work for c in choices)
+    else:
+        saturation = math.inf if gpu else cores / sum(c.core_s for c in choices)
     if load.rate is not None:
         target = load.rate / objectives.utilisation
     else:
         target = 0.0 if gpu else saturation  # GPUs: one replica each unless a rate or --gpus says more
     for c in choices:
-        c.replicas = c.min_replicas = c.max_replicas = max(1, math.ceil(target * c.work - 1e-9))
-    if gpu and gpus:
+        c.replicas = c.min_replicas = c.max_replicas = 1 if shared else max(1, math.ceil(target * c.work - 1e-9))
+    if gpu and gpus and not shared:
         _share_gpus(choices, gpus)
     elif not gpu:
         _spread(choices, profile, cores, saturation, fixed=load.rate is None)
@@ -313,13 +345,17 @@ def plan(
     caps = {c.name: c.capacity for c in choices}
     throughput = min(saturation, *caps.values())
     bottleneck = min(caps, key=caps.get)
-    if not gpu and saturation <= caps[bottleneck]:
+    if (shared or not gpu) and saturation <= caps[bottleneck]:
         busiest = max(choices, key=lambda c: c.core_s).name
-        bottleneck = f"the CPU ({cores} cores); {busiest} takes the largest share"
+        what = f"the GPU{'s' if gpus > 1 else ''} ({gpus}, shared)" if shared else f"the CPU ({cores} cores)"
+        bottleneck = f"{what}; {busiest} takes the largest share"
     units = (gpus or sum(c.gpus * c.replicas for c in choices)) if gpu else cores
     bound = units / sum(c.demand.images * c.cheapest_core_s for c in choices)
     for c in choices:
-        c.utilisation = throughput * c.work / c.replicas if gpu else throughput * c.core_s / cores
+        if shared:
+            c.utilisation = throughput * c.work / gpus  # its share of the GPUs' time
+        else:
+            c.utilisation = throughput * c.work / c.replicas if gpu else throughput * c.core_s / cores
     if load.rate is not None and load.rate > throughput * objectives.utilisation:
         warnings.append(
             f"the asked rate {load.rate:g}/s exceeds {objectives.utilisation:.0%} of what this plan sustains "
@@ -346,6 +382,7 @@ def plan(
         idle,
         warnings,
         in_flight,
+        shared,
     )
 
 
@@ -374,28 +411,35 @@ def _spread(choices: list[StageChoice], profile: Profile, cores: int, saturation
         heaviest.notes.append("fewer replicas than cores: their weights would pass half the RAM")
 
 
-def _encoder_choice(p: StageProfile, objectives: Objectives, gpu: bool) -> StageChoice:
+def _encoder_options(p: StageProfile) -> dict[tuple[int, int], float]:
+    return {(b, t): p.image_s(1, b, t) * p.slowdown(t) for t, row in p.step_s.items() for b in row}
+
+
+def _encoder_choice(p: StageProfile, objectives: Objectives, profile: Profile, memory: int) -> StageChoice:
     """The encoder: one step per prompt (plus its negative); batching it costs no latency worth counting."""
+    gpu = profile.on_gpu
     d = StageDemand(images=1.0, steps=1.0, final=0.0)
-    options = {(b, t): p.image_s(1, b, t) * p.slowdown(t) for t, row in p.step_s.items() for b in row}
+    options = _encoder_options(p)
+    options, notes = _within_memory(ENCODER, p, options, profile, memory)
     b, t = _cheapest(options, objectives.flat, gpu)
     return StageChoice(
-        ENCODER, d, b, t, 1.0 if gpu else 0.0, options[b, t], p.image_s(1, 1, t), _min_core_s(options, gpu)
+        ENCODER,
+        d,
+        b,
+        t,
+        1.0 if gpu else 0.0,
+        options[b, t],
+        p.image_s(1, 1, t),
+        _min_core_s(options, gpu),
+        memory_bytes=p.peak_memory_bytes.get(b, 0),
+        weights_bytes=p.weights_bytes,
+        notes=notes,
     )
 
 
 def _stage_choice(name, p: StageProfile, d: StageDemand, objectives, profile: Profile, memory: int, cores: int):
     options = {(b, t): _image_s(p, d, b, t) for t, row in p.step_s.items() if t <= cores for b in row}
-    notes: list[str] = []
-    if profile.on_gpu and memory:
-        fits = {(b, t): v for (b, t), v in options.items() if _fits(p, b, memory)}
-        if not fits:
-            notes += _does_not_fit(name, p, memory, profile)
-            options = {(b, t): v for (b, t), v in options.items() if b == 1}
-        elif len(fits) < len(options):
-            largest = max(b for b, _ in fits)
-            notes.append(f"batches above {largest} do not fit {memory / GIB:.0f} GiB (profiled peak memory)")
-            options = fits
+    options, notes = _within_memory(name, p, options, profile, memory)
     b, t = _cheapest(options, objectives.flat, profile.on_gpu)
     return StageChoice(
         name,
@@ -407,8 +451,24 @@ def _stage_choice(name, p: StageProfile, d: StageDemand, objectives, profile: Pr
         _latency(p, d, 1, t),
         _min_core_s(options, profile.on_gpu),
         memory_bytes=p.peak_memory_bytes.get(b, 0),
+        weights_bytes=p.weights_bytes,
         notes=notes,
     )
+
+
+def _within_memory(name: str, p: StageProfile, options: dict, profile: Profile, memory: int) -> tuple[dict, list]:
+    """On a GPU, the (batch, threads) options whose peak memory fits one card, and notes on what does not."""
+    notes: list[str] = []
+    if profile.on_gpu and memory:
+        fits = {(b, t): v for (b, t), v in options.items() if _fits(p, b, memory)}
+        if not fits:
+            notes += _does_not_fit(name, p, memory, profile)
+            options = {(b, t): v for (b, t), v in options.items() if b == 1}
+        elif len(fits) < len(options):
+            largest = max(b for b, _ in fits)
+            notes.append(f"batches above {largest} do not fit {memory / GIB:.0f} GiB (profiled peak memory)")
+            options = fits
+    return options, notes
 
 
 def _image_s(p: StageProfile, d: StageDemand, batch: int, threads: int) -> float:
@@ -439,10 +499,15 @@ def _min_core_s(options: dict[tuple[int, int], float], gpu: bool) -> float:
     return min((1 if gpu else t) * c for (_, t), c in options.items())
 
 
-def _fits(p: StageProfile, batch: int, memory: int) -> bool:
+def _need(p: StageProfile, batch: int) -> int:
+    """Accelerator bytes one replica's tensors take at `batch`: the profiled peak of its step (or of one
+    task's finish, e.g. a VAE decode, where the profile has it), else its weights."""
     peak = p.peak_memory_bytes.get(batch)
-    need = peak if peak is not None else p.weights_bytes
-    return need <= 0.9 * memory  # leave the allocator and CUDA context their share
+    return max(p.weights_bytes if peak is None else peak, getattr(p, "finish_peak_bytes", 0) or 0)
+
+
+def _fits(p: StageProfile, batch: int, memory: int) -> bool:
+    return _need(p, batch) <= USABLE * memory  # leave the allocator and CUDA context their share
 
 
 def _does_not_fit(name: str, p: StageProfile, memory: int, profile: Profile) -> list[str]:
@@ -450,8 +515,11 @@ def _does_not_fit(name: str, p: StageProfile, memory: int, profile: Profile) -> 
     advice = [f"{name} does not fit one {memory / GIB:.0f} GiB GPU even at batch 1 (weights {weights / GIB:.1f} GiB)"]
     if profile.dtype == "float32":
         advice.append("set model.dtype: float16 (halves weights and activations)")
-    advice.append(f"or stages.{name}.cpu_offload: true (weights stay in CPU memory, moved per call)")
-    split = math.ceil(weights / (0.9 * memory)) if memory else 2
+    if name == ENCODER:  # no CPU offload for the encoder; bfloat16 keeps no float32 layers back (T5's `wo`)
+        advice.append("or model.text_encoder_dtype: bfloat16")
+    else:
+        advice.append(f"or stages.{name}.cpu_offload: true (weights stay in CPU memory, moved per call)")
+    split = math.ceil(weights / (USABLE * memory)) if memory else 2
     advice.append(
         f"or split it over {max(2, split)} GPUs with accelerate's device map "
         "(infer_auto_device_map on the model built on the meta device)"
@@ -483,10 +551,71 @@ def _meet_latency(choices: list[StageChoice], profile: Profile, p95_s: float, co
         c.notes.append(f"{t} threads to meet the p95 objective of {p95_s:g} s")
 
 
+def _share_memory(choices: list[StageChoice], profile: Profile, gpus: int, memory: int) -> None:
+    """Fewer GPUs than deployments: each deployment's num_gpus is the share of a card's usable memory its
+    replica needs (its peak at its batch and a CUDA context), so that Ray, which puts a fractional replica
+    on one card and keeps every card's shares within 1, never oversubscribes a card's memory. Batches
+    shrink until the shares fit the cards (by first-fit decreasing, as a check that Ray can place them);
+    then, on one GPU, the shares grow to fill it, so that nothing else is placed beside them."""
+    if not memory:
+        raise InvalidParameter("gpus", "sharing GPUs needs their memory: the profile has none (--gpu-memory-gib)")
+    usable = USABLE * memory
+    stage_profile = {c.name: profile.encoder if c.name == ENCODER else profile.stages[c.name] for c in choices}
+
+    def need(c: StageChoice, batch: int | None = None) -> int:
+        return _need(stage_profile[c.name], c.batch if batch is None else batch) + CUDA_CONTEXT_BYTES
+
+    def share(c: StageChoice) -> float:
+        return math.ceil(100 * need(c) / usable - 1e-9) / 100
+
+    while not _packs([share(c) for c in choices], gpus):
+        smaller = []
+        for c in choices:
+            batches = [b for b in stage_profile[c.name].step_s[c.threads] if b < c.batch]
+            if batches:
+                b = max(batches)
+                smaller.append((need(c) - need(c, b), c, b))
+        if not smaller:
+            total = sum(need(c) for c in choices)
+            raise InvalidParameter(
+                "gpus",
+                f"the {len(choices)} deployments need {total / GIB:.1f} GiB together at batch 1 (weights, "
+                f"activations and a CUDA context each), more than {gpus} x {usable / GIB:.0f} GiB usable "
+                f"({', '.join(f'{c.name} {need(c) / GIB:.1f}' for c in choices)}): give them more GPUs, "
+                "a smaller dtype (model.dtype, model.text_encoder_dtype), or stages.<stage>.cpu_offload",
+            )
+        _, c, b = max(smaller, key=lambda item: item[0])
+        p = stage_profile[c.name]
+        c.batch = b
+        c.image_s = _encoder_options(p)[b, c.threads] if c.name == ENCODER else _image_s(p, c.demand, b, c.threads)
+        c.memory_bytes = p.peak_memory_bytes.get(b, 0)
+        c.notes = [n for n in c.notes if not n.startswith("batch ")]
+        cards = f"{gpus} GPU{'s' if gpus > 1 else ''} of {memory / GIB:.0f} GiB"
+        c.notes.append(f"batch {b}: the deployments share {cards}")
+    shares = [share(c) for c in choices]
+    if gpus == 1:  # fill the card: what is left is no use to anything but these deployments
+        shares = [math.floor(100 * s / sum(shares)) / 100 for s in shares]
+    for c, s in zip(choices, shares, strict=True):
+        c.gpus = s
+        c.notes.append(f"{s:g} of a GPU: {need(c) / GIB:.1f} GiB at batch {c.batch} with a CUDA context")
+
+
+def _packs(shares: list[float], bins: int) -> bool:
+    """Whether first-fit decreasing places `shares` (each at most 1) on `bins` cards of capacity 1."""
+    free = [1.0] * bins
+    for s in sorted(shares, reverse=True):
+        for i, room in enumerate(free):
+            if s <= room + 1e-9:
+                free[i] -= s
+                break
+        else:
+            return False
+    return True
+
+
 def _share_gpus(choices: list[StageChoice], gpus: int) -> None:
-    """A fixed number of GPUs: one per stage first, then each to the stage that caps throughput."""
-    if gpus < len(choices):
-        raise InvalidParameter("gpus", f"{gpus} GPUs cannot give each of {len(choices)} deployments one")
+    """A fixed number of GPUs, at least one per deployment: one each first, then each further one to the
+    deployment that caps throughput (fewer GPUs than deployments: `_share_memory`)."""
     for c in choices:
         c.replicas = 1
     for _ in range(gpus - len(choices)):

@@ -22,10 +22,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+# How a stage keeps each task's result independent of its batch-mates (the config's
+# `model.batch_invariance`, per stage):
+# - "split": one batched call, with the batch-sensitive ops below run per task (`RowGroups`): bit for
+#   bit the reference, most of the batch's work shared (element-wise ops, the weights' reads in IF's
+#   attention pooling), at the price of those ops' batching;
+# - "per_task": one model call per task at the reference's own shape: bit for bit the reference with
+#   no assumption about which ops are batch-sensitive, and no batching gain at all;
+# - "off": one plain batched call: the fastest where kernels gain from batch size; each result then
+#   depends on its batch-mates by a few 1e-3 at most.
+Invariance = Literal["split", "per_task", "off"]
+MODES: tuple[str, ...] = ("split", "per_task", "off")
+
+
+def invariance_mode(value: bool | str) -> str:
+    """A stage's invariance mode from the config's value (True/False are the older on/off)."""
+    if value is True:
+        return "split"
+    if value is False:
+        return "off"
+    if value not in MODES:
+        raise ValueError(f"batch_invariance: must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
 
 # Functions whose per-row output depends on the batch's shape, and which of their arguments carry the
 # batch: positions, and keyword names for the same arguments given by keyword. (An attention mask
@@ -91,3 +116,21 @@ class RowGroups(TorchFunctionMode):
 def row_groups(sizes: Sequence[int], enabled: bool = True) -> AbstractContextManager:
     """`RowGroups(sizes)` when it is enabled and there is more than one group to keep apart."""
     return RowGroups(sizes) if enabled and len(sizes) > 1 else nullcontext()
+
+
+class WithInvariance:
+    """A stage's or encoder's `invariance` mode, with `batch_invariant` as its older on/off view."""
+
+    invariance: str = "split"
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self.invariance != "off"
+
+    @batch_invariant.setter
+    def batch_invariant(self, value: bool | str) -> None:
+        self.invariance = invariance_mode(value)
+
+    def row_groups(self, sizes: Sequence[int]) -> AbstractContextManager:
+        """The split mode's `RowGroups` over these groups (nothing in the other modes)."""
+        return row_groups(sizes, self.invariance == "split")

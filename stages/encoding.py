@@ -10,22 +10,23 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from stages.batch_invariance import row_groups
+from stages.batch_invariance import WithInvariance, invariance_mode
 from stages.errors import InvalidParameter
 from stages.family import TextEncoder
 from stages.task import TextEmbeddings
 
 
-class PipelineTextEncoder:
+class PipelineTextEncoder(WithInvariance):
     """A pipeline's `encode_prompt` (IF's T5, Stable Diffusion's CLIP), on the pipeline loaded without its
     denoiser: one batched forward for many prompts, same tokenization and output as the pipeline's own
-    call. With batch invariance on, each prompt's embeddings are bit for bit those of encoding it alone."""
+    call. With batch invariance on ("split" or "per_task"), each prompt's embeddings are bit for bit those
+    of encoding it alone. The embeddings leave on the host: whoever uses them next may have no GPU."""
 
-    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True):
+    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool | str = True):
         if pipe.text_encoder is None:
             raise ValueError("the text encoder pipeline was loaded without its text_encoder")
         self.pipe = pipe
-        self.batch_invariant = batch_invariant
+        self.invariance = invariance_mode(batch_invariant)
         self.device = pipe._execution_device
 
     @property
@@ -43,15 +44,24 @@ class PipelineTextEncoder:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InvalidParameter("prompt", "must be a non-empty string")
         # "" is exactly what diffusers encodes when no negative prompt is given.
-        with row_groups([1] * len(prompts), self.batch_invariant):
-            cond, uncond = self.pipe.encode_prompt(
-                list(prompts),
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=[n or "" for n in negatives],
-            )
+        negatives = [n or "" for n in negatives]
+        if self.invariance == "per_task" and len(prompts) > 1:
+            pairs = [self._encode([p], [n]) for p, n in zip(prompts, negatives, strict=True)]
+            cond, uncond = torch.cat([c for c, _ in pairs]), torch.cat([u for _, u in pairs])
+        else:
+            with self.row_groups([1] * len(prompts)):
+                cond, uncond = self._encode(list(prompts), negatives)
+        cond, uncond = cond.cpu(), uncond.cpu()
         return [TextEmbeddings(cond[i : i + 1], uncond[i : i + 1]) for i in range(len(prompts))]
+
+    def _encode(self, prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pipe.encode_prompt(
+            prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives,
+        )
 
 
 @dataclass(frozen=True)

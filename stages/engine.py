@@ -16,37 +16,51 @@ out bit for bit as in the reference's own call (see `stages/batch_invariance.py`
 guidance is a single row, which cannot be split off: in the UNet some one-row tensors take their memory
 layout from views that exist only when the batch is 1 (a slice of a larger batch keeps other strides,
 and group norm picks its kernel by them), so such a task gets a UNet call of its own.
-`batch_invariant=False` runs everything in one plain batched call: faster where kernels gain from batch
-size, with results a few 1e-3 at most from the reference instead of equal to it.
+The mode is per stage (`invariance`, stages/batch_invariance.py): "split" as above; "per_task" gives
+every task a UNet call of its own at the reference's shape; "off" runs everything in one plain batched
+call: faster where kernels gain from batch size, with results a few 1e-3 at most from the reference.
+
+Around the UNet call nothing waits on the device: timesteps live on the host (one list per task, read
+once at admission), guidance runs once over the call's tasks, and `advance_batch` steps every task with one
+batched scheduler step (stages/batched_step.py), bit for bit each task's own. Noise is drawn on the CPU
+from each task's generator, as the reference draws it, and reaches the device without blocking. A finished
+task's output leaves on the host (`finish`): the next stage, or the ingress, may have no GPU.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from abc import ABC, abstractmethod
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
-from stages.batch_invariance import row_groups
+from stages.batch_invariance import WithInvariance, invariance_mode
+from stages.batched_step import StepTask, batched_step, draw_noise, supports, to_device
 from stages.errors import InvalidParameter
 from stages.images import to_pil
 from stages.params import MAX_STEPS
 from stages.task import Presented, StageOutput, StageRequest, Task, TextEmbeddings
 
+log = logging.getLogger(__name__)
 
-class DenoisingStage(ABC):
+
+class DenoisingStage(WithInvariance, ABC):
     """A diffusers UNet stage; it implements `stages.family.StepEngine`."""
 
     latent = False  # its samples are VAE latents, decoded when a task finishes (`_decode`)
+    finish_apart = True  # a stage loop on a thread of its own finishes tasks beside the step (stages/stage_loop.py)
 
-    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool = True, name: str = "stage"):
+    def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool | str = True, name: str = "stage"):
         self.name = name  # the stage's name in its family: the prefix of its request parameters
         self.pipe = pipe
-        self.batch_invariant = batch_invariant
+        self.invariance = invariance_mode(batch_invariant)
+        self.batched_steps = 0  # scheduler steps run as one over several tasks (`advance_batch`)
+        # (what, device type, dtype) -> whether running it as one gave the per-task bits (`_checked`)
+        self._vectorised: dict[tuple, bool] = {}
         self.unet = pipe.unet
         self.device = pipe._execution_device  # the GPU under model CPU offload, else where the UNet is
         self.dtype = pipe.unet.dtype
@@ -64,18 +78,45 @@ class DenoisingStage(ABC):
     def _model_input(self, task: Task) -> torch.Tensor:
         """The task's UNet input rows for its current timestep (before CFG duplication)."""
 
-    def _guide(self, task: Task, uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        """Combine the task's UNet outputs into the model output its scheduler steps with: classifier-free
-        guidance as Stable Diffusion's pipelines apply it (IF's pixel stages keep the learned variance)."""
+    def _guide(self, tasks: list[Task], uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        """Combine the UNet outputs of tasks (all guided, or none) into the model outputs their schedulers
+        step with, one row each: classifier-free guidance as Stable Diffusion's pipelines apply it, each
+        task with its own scale (IF's pixel stages keep the learned variance)."""
         if uncond is None:
             return text
-        return uncond + task.request.guidance_scale * (text - uncond)
+        key = ("guidance", text.device.type, text.dtype)
+        if self._vectorised.get(key) is False:
+            return self._guide_each(tasks, uncond, text)
+        together = uncond + _scales(tasks, text) * (text - uncond)
+        if key not in self._vectorised and len(tasks) > 1:
+            alone = self._guide_each(tasks, uncond, text)
+            if not self._checked(key, together, alone):
+                return alone
+        return together
+
+    @staticmethod
+    def _guide_each(tasks: list[Task], uncond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Guidance task by task, with each Python scale, as the reference computes it."""
+        return torch.cat(
+            [
+                u + t.request.guidance_scale * (x - u)
+                for t, u, x in zip(tasks, uncond.split(1), text.split(1), strict=True)
+            ]
+        )
+
+    def _checked(self, key: tuple, together: torch.Tensor, alone: torch.Tensor) -> bool:
+        """The first time a vectorised computation runs on this device and dtype, it must give the
+        per-task results bit for bit; if not, this engine computes that part task by task from now on."""
+        self._vectorised[key] = same = _same_bits(together, alone)
+        if not same:
+            log.warning("%s: %s run as one differs from task by task on %s %s: task by task", self.name, *key)
+        return same
 
     @torch.inference_mode()
     def finish(self, task: Task) -> StageOutput:
-        """The task's output: its sample, or for a latent stage the sample through the VAE."""
+        """The task's output, on the host: its sample, or for a latent stage the sample through the VAE."""
         image = self._decode(task.sample) if self.latent else task.sample
-        return StageOutput(task.request_id, image, task.generator.get_state(), task.step_index)
+        return StageOutput(task.request_id, image.cpu(), task.generator.get_state(), task.step_index)
 
     def present(self, image: torch.Tensor) -> Presented:
         """A final image of this stage as the picture a client gets: through the safety checker and
@@ -109,9 +150,9 @@ class DenoisingStage(ABC):
                 "negative_prompt_embeds",
                 f"shape {tuple(emb.negative_embeds.shape)} differs from prompt_embeds {tuple(emb.prompt_embeds.shape)}",
             )
-        cond = emb.prompt_embeds.to(self.device, self.dtype)
+        cond = to_device(emb.prompt_embeds, self.device).to(self.dtype)
         guided = request.guidance_scale > 1.0  # diffusers: do_classifier_free_guidance
-        return cond, emb.negative_embeds.to(self.device, self.dtype) if guided else None
+        return cond, to_device(emb.negative_embeds, self.device).to(self.dtype) if guided else None
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents through the pipeline's VAE to an image in [-1, 1], clamped as its postprocessing does."""
@@ -127,9 +168,18 @@ class DenoisingStage(ABC):
         for the calls batch invariance adds). Changes no task."""
         outputs: dict[int, torch.Tensor] = {}
         for shared in self._unet_batches(tasks):
-            for task, out in zip(shared, self._unet_call(shared), strict=True):
-                uncond, text = (out[:1], out[1:]) if task.guided else (None, out)
-                outputs[id(task)] = self._guide(task, uncond, text)
+            out = self._unet_call(shared)
+            # Guidance once for the call's guided tasks (rows [negative, prompt] each), once for the others.
+            for group in ([t for t in shared if t.guided], [t for t in shared if not t.guided]):
+                if not group:
+                    continue
+                rows = torch.cat([out[i] for i, t in enumerate(shared) if t in group])
+                if group[0].guided:
+                    guided = self._guide(group, rows[0::2], rows[1::2])
+                else:
+                    guided = self._guide(group, None, rows)
+                for task, row in zip(group, guided.split(1), strict=True):
+                    outputs[id(task)] = row
         return [outputs[id(task)] for task in tasks]
 
     @torch.inference_mode()
@@ -137,20 +187,67 @@ class DenoisingStage(ABC):
         """One scheduler step of one task, in the reference's order, on its own scheduler and generator."""
         extra = self.pipe.prepare_extra_step_kwargs(task.generator, 0.0)
         step = task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)
+        self._advanced(task, step[0])
+
+    @torch.inference_mode()
+    def advance_batch(self, tasks: list[Task], model_outputs: list[torch.Tensor]) -> bool:
+        """One scheduler step of every task, run as one (stages/batched_step.py): the same samples and the
+        same draws from each generator as `advance` on each. False, changing nothing, where it cannot
+        (one task, or a scheduler it does not know); a raise also leaves every task as it was."""
+        steps = [
+            StepTask(
+                t.scheduler, t.host_timesteps[t.step_index], t.prev_timesteps[t.step_index], t.sample, out, t.generator
+            )
+            for t, out in zip(tasks, model_outputs, strict=True)
+            if t.prev_timesteps is not None
+        ]
+        key = ("scheduler step", tasks[0].sample.device.type, tasks[0].sample.dtype)
+        if len(tasks) < 2 or len(steps) < len(tasks) or self._vectorised.get(key) is False or not supports(steps):
+            return False
+        states = [t.generator.get_state() for t in tasks]
+        alone = None if key in self._vectorised else self._steps_alone(tasks, model_outputs)
+        try:
+            samples = batched_step(steps, eta=0.0)
+        except BaseException:
+            for task, state in zip(tasks, states, strict=True):
+                task.generator.set_state(state)  # the draws it made are taken back
+            raise
+        if alone is not None and not self._checked(key, samples, alone):
+            samples = alone  # the same draws were made: the generators are where the reference leaves them
+        self.batched_steps += 1
+        for task, sample in zip(tasks, samples.split(1), strict=True):
+            self._advanced(task, sample)
+        return True
+
+    def _steps_alone(self, tasks: list[Task], model_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Each task's own scheduler step on a copy of its generator (the check of the first batched step)."""
+        samples = []
+        for task, model_output in zip(tasks, model_outputs, strict=True):
+            generator = torch.Generator()
+            generator.set_state(task.generator.get_state())
+            extra = self.pipe.prepare_extra_step_kwargs(generator, 0.0)
+            samples.append(task.scheduler.step(model_output, task.timestep, task.sample, **extra, return_dict=False)[0])
+        return torch.cat(samples)
+
+    def _advanced(self, task: Task, sample: torch.Tensor) -> None:
         if task.mask is None:
-            task.sample = step[0]
+            task.sample = sample
         else:  # inpainting: outside the mask x_t stays what it was (diffusers' inpainting pipelines)
-            task.sample = (1 - task.mask) * task.sample + task.mask * step[0]
+            task.sample = (1 - task.mask) * task.sample + task.mask * sample
         task.step_index += 1
 
     def step(self, tasks: list[Task]) -> None:
-        for task, model_output in zip(tasks, self.predict(tasks), strict=True):
-            self.advance(task, model_output)
+        outputs = self.predict(tasks)
+        if not self.advance_batch(tasks, outputs):
+            for task, model_output in zip(tasks, outputs, strict=True):
+                self.advance(task, model_output)
 
     def _unet_batches(self, tasks: list[Task]) -> list[list[Task]]:
         """Which tasks share a UNet call in this step."""
-        if not self.batch_invariant:
+        if self.invariance == "off":
             return [tasks] if tasks else []
+        if self.invariance == "per_task":
+            return [[t] for t in tasks]
         guided = [t for t in tasks if t.guided]
         return ([guided] if guided else []) + [[t] for t in tasks if not t.guided]
 
@@ -162,15 +259,18 @@ class DenoisingStage(ABC):
             return [v for v, n in zip(values, rows, strict=True) for _ in range(n)]
 
         model_input = torch.cat(per_row([self._model_input(t) for t in tasks]))
-        timesteps = torch.stack(per_row([t.timestep for t in tasks]))
+        # The timesteps from the host lists: no read of a device tensor.
+        timesteps = torch.tensor(
+            per_row([t.host_timesteps[t.step_index] for t in tasks]), dtype=tasks[0].timesteps.dtype
+        )
         hidden = torch.cat([h for t in tasks for h in ([t.uncond, t.cond] if t.guided else [t.cond])])
         class_labels = None
         if tasks[0].class_label is not None:
             class_labels = torch.cat(per_row([t.class_label for t in tasks]))
-        with row_groups(rows, self.batch_invariant):
+        with self.row_groups(rows):
             out = self.unet(
                 model_input,
-                timesteps.to(self.device),
+                to_device(timesteps, self.device),
                 encoder_hidden_states=hidden,
                 class_labels=class_labels,
                 return_dict=False,
@@ -299,7 +399,7 @@ class DenoisingStage(ABC):
 
     def _noise(self, shape, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
         """Gaussian noise from the task's generator (CPU), as diffusers' `randn_tensor` draws it."""
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        return draw_noise(shape, generator, dtype, self.device)
 
     def _check_image(self, request: StageRequest, channels: int = 3) -> torch.Tensor:
         image = request.image
@@ -307,3 +407,20 @@ class DenoisingStage(ABC):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise InvalidParameter("image", f"{self.name} expects a (1, {channels}, H, W) tensor, got {shape}")
         return image
+
+
+def _scales(tasks: list[Task], like: torch.Tensor) -> torch.Tensor:
+    """The tasks' guidance scales as a column in `like`'s dtype and device (torch casts a Python scale
+    to the tensor's dtype when it multiplies one task's rows: so does this for all of them)."""
+    scales = torch.tensor([t.request.guidance_scale for t in tasks], dtype=torch.float64).to(like.dtype)
+    return to_device(scales.view(-1, *([1] * (like.ndim - 1))), like.device)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaNs included, which `torch.equal` calls unequal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+        return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+    return torch.equal(a, b)

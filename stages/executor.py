@@ -6,8 +6,12 @@ The phases of one step, each isolated:
 - denoising: one batched model call over every task; if it raises, it is retried task by task (the
   call changes no task, and with batch invariance a task's output alone is its output in the batch), so
   one poisoned task cannot fail its batch-mates;
-- scheduler step: each task's own step; a raise fails that task;
-- finishing: each finished task's output (stage III decodes here); a raise fails that task.
+- scheduler step: one batched step over every task where the engine can (`advance_batch`, which
+  changes nothing when it raises); else, or after a raise, each task's own step, and a raise fails that
+  task;
+- finishing: each finished task's output (stage III decodes here); a raise fails that task. A stage loop
+  running on a thread of its own finishes tasks on another thread (`finish_inline=False`: the executor
+  hands back `UNFINISHED` and the loop calls `finish`), so a decode never holds up the next step.
 
 Bad input (InvalidParameter) fails its task as it is, naming the parameter; anything else becomes a
 StageFailure naming the stage and the phase. Nothing escapes `execute`.
@@ -25,30 +29,56 @@ from stages.scheduler import ExecutionResult, ScheduledTask, SchedulePlan
 log = logging.getLogger(__name__)
 
 
+UNFINISHED = object()  # a finished task's output, still to be made by `StageExecutor.finish`
+
+
 class StageExecutor:
-    def __init__(self, engine: StepEngine):
+    def __init__(self, engine: StepEngine, finish_inline: bool = True):
         self.engine = engine
         self.name = engine.name
+        self.finish_inline = finish_inline
 
     def execute(self, plan: SchedulePlan) -> ExecutionResult:
         result = ExecutionResult()
         result.admitted = self._admit(list(plan.admit), result)
         tasks = [*plan.run, *result.admitted]
-        for task, output in self._predict(tasks, result):
+        self._advance(self._predict(tasks, result), result)
+        for task in result.stepped:
+            if not task.state.done:
+                continue
+            if not self.finish_inline:
+                result.finished.append((task, UNFINISHED))
+                continue
+            output, error = self.finish(task)
+            if error is None:
+                result.finished.append((task, output))
+            else:
+                result.failed.append((task, error))
+        return result
+
+    def finish(self, task: ScheduledTask) -> tuple[Any, Exception | None]:
+        """A finished task's output, or the error that fails it (from any thread)."""
+        try:
+            return self.engine.finish(task.state), None
+        except Exception as err:  # noqa: BLE001 - fails this task only
+            return None, self._error(task, "finishing", err)
+
+    def _advance(self, predicted: list[tuple[ScheduledTask, Any]], result: ExecutionResult) -> None:
+        advance_batch = getattr(self.engine, "advance_batch", None)
+        if advance_batch is not None and len(predicted) > 1:
+            try:
+                if advance_batch([t.state for t, _ in predicted], [output for _, output in predicted]):
+                    result.stepped.extend(t for t, _ in predicted)
+                    return
+            except Exception as err:  # noqa: BLE001 - task by task below, failing only those that raise again
+                log.warning("%s: a batched scheduler step over %d tasks raised (%s)", self.name, len(predicted), err)
+        for task, output in predicted:
             try:
                 self.engine.advance(task.state, output)
             except Exception as err:  # noqa: BLE001 - fails this task only
                 self._fail(result, task, "scheduler step", err)
                 continue
             result.stepped.append(task)
-        for task in result.stepped:
-            if not task.state.done:
-                continue
-            try:
-                result.finished.append((task, self.engine.finish(task.state)))
-            except Exception as err:  # noqa: BLE001 - fails this task only
-                self._fail(result, task, "finishing", err)
-        return result
 
     def _admit(self, tasks: list[ScheduledTask], result: ExecutionResult) -> list[ScheduledTask]:
         resumed = [t for t in tasks if t.state is not None]  # preempted earlier: their state is kept
@@ -87,9 +117,10 @@ class StageExecutor:
             return outputs
 
     def _fail(self, result: ExecutionResult, task: ScheduledTask, phase: str, err: Exception) -> None:
+        result.failed.append((task, self._error(task, phase, err)))
+
+    def _error(self, task: ScheduledTask, phase: str, err: Exception) -> Exception:
         if isinstance(err, InvalidParameter | StageFailure):
-            error: Exception = err
-        else:
-            log.error("%s: %s failed for %s", self.name, phase, task.request_id, exc_info=err)
-            error = StageFailure.of(self.name, phase, err)
-        result.failed.append((task, error))
+            return err
+        log.error("%s: %s failed for %s", self.name, phase, task.request_id, exc_info=err)
+        return StageFailure.of(self.name, phase, err)

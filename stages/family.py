@@ -53,7 +53,7 @@ class StageSpec:
     folder: str  # its pipeline folder inside the family's checkpoint directory
     output_size: int  # pixels per side of what it produces
     uses_embeddings: bool  # consumes the family's shared text embeddings (else it is given the prompt)
-    # (path, *, name, device, torch_dtype, variant, batch_invariant) -> the stage's engine
+    # (path, *, name, device, torch_dtype, variant, batch_invariant: a mode or a bool) -> the stage's engine
     load: Callable[..., StepEngine]
     edits: bool = False  # an edit's picture and mask go to this stage (its tasks start from them)
 
@@ -90,8 +90,14 @@ class ModelFamily:
     quick_params: dict[str, Any] = field(default_factory=dict)
     edit_kinds: tuple[TaskKind, ...] = ()  # what it does besides text-to-image (`params`)
     encoder_title: str = "TextEncoder"  # the text encoder's deployment name
-    # The loaders' optional switches the family has (IF: "safety_checker", "text_encoder_8bit").
+    # The loaders' optional switches the family has (IF: "safety_checker").
     options: tuple[str, ...] = ()
+    # (preset, *, device, dtype, batch_invariant, progress) -> (encoder, {stage: engine}, reference or None):
+    # every engine over random weights built in memory on the device (stages/random_weights.py).
+    build_random: Callable[..., tuple] | None = None
+    # (preset, dtype, encoder_dtype) -> per deployment its models and calls on the meta device
+    # (stages/estimates.py, `ifserve estimate`).
+    estimate_calls: Callable[..., dict] | None = None
 
     def __post_init__(self) -> None:
         names = [spec.name for spec in self.stages]

@@ -10,8 +10,18 @@ from diffusers.utils import pt_to_pil
 
 
 def to_pil(image: torch.Tensor) -> PIL.Image.Image:
-    """A (1, 3, H, W) image in [-1, 1] as an 8-bit picture (diffusers' `pt_to_pil`)."""
+    """A (1, 3, H, W) image in [-1, 1] as an 8-bit picture (diffusers' `pt_to_pil`), or one already in
+    8 bits (`to_uint8`)."""
+    if image.dtype == torch.uint8:
+        return PIL.Image.fromarray(image[0].permute(1, 2, 0).numpy())
     return pt_to_pil(image)[0]
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A (1, 3, H, W) image in [-1, 1] in 8 bits per channel, on the host, exactly as `pt_to_pil` rounds it
+    (a final image crosses from its replica a quarter of its float32 size)."""
+    scaled = (image / 2 + 0.5).clamp(0, 1).cpu().float() * 255
+    return scaled.round().to(torch.uint8)
 
 
 def png_bytes(picture: PIL.Image.Image) -> bytes:

@@ -79,20 +79,3 @@ def load_pipeline(
         pipe.enable_model_cpu_offload(device=device)
         return pipe
     return pipe.to(device)
-
-
-def load_8bit_text_encoder(path: Path, cls, *, param: str = "model.text_encoder_8bit"):
-    """A transformers text encoder from `path` in 8-bit (bitsandbytes, on the GPU), as the seed's code
-    loads T5 for smaller GPUs; a clear error where bitsandbytes or a CUDA GPU is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        raise CheckpointError(f"{param}: 8-bit loading needs bitsandbytes and a CUDA GPU; this machine lacks one")
-    from transformers import BitsAndBytesConfig
-
-    try:
-        return cls.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto", local_files_only=True
-        )
-    except Exception as err:  # noqa: BLE001 - transformers and bitsandbytes raise many types
-        raise CheckpointError(f"{param}: cannot load {path} in 8-bit: {err}") from err

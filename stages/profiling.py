@@ -5,11 +5,15 @@ For the text encoder and every stage, against batch size and torch threads (on a
 - what a task costs once: admitting it and finishing it (a latent stage's VAE decode, IF's stage III
   output), and delivering a final image of the stage's size as a PNG (what the server does per image),
 - on a CPU, the batch-1 step again while every other core steps the same stage (`loaded`),
-- on a GPU, peak accelerator memory of the step; every stage's weights in bytes.
+- on a GPU, accelerator memory: the activations of a step (its peak above what was allocated before it)
+  apart from the resident weights, by batch, and of one task's finish (IF's stage III: the VAE decode);
+  every stage's weights in bytes, as loaded (float16 T5 keeps its float32 `wo` layers).
 
 The numbers are means of at least `repeats` timed calls after one warm-up, on the real engines
-(stages/engine.py) loaded from a checkpoint folder, so a profile of random weights costs what the real
-ones cost. No Ray.
+(stages/engine.py) loaded from a checkpoint folder, or with `random_weights` built in memory on the
+device from a preset (stages/random_weights.py: no folder, nothing on disk), so a profile of random
+weights costs what the real ones cost. No Ray. `benchmarks/gpu/probe.py` writes this schema too, with
+every invariance mode's step times (`step_s_by_invariance`).
 """
 
 from __future__ import annotations
@@ -60,8 +64,17 @@ class StageProfile(BaseModel):
     admit_s: dict[int, float] = Field(default_factory=dict)  # per task, by threads
     finish_s: dict[int, float] = Field(default_factory=dict)  # per task, by threads
     deliver_s: dict[int, float] = Field(default_factory=dict)  # PNG of a final image of this size, by threads
-    peak_memory_bytes: dict[int, int] = Field(default_factory=dict)  # by batch, GPU only
-    weights_bytes: int = 0
+    # GPU only, by batch: what a replica of this stage needs at the step's peak (weights_bytes +
+    # activation_bytes), and the step's activations alone (its peak above what was allocated before it).
+    peak_memory_bytes: dict[int, int] = Field(default_factory=dict)
+    activation_bytes: dict[int, int] = Field(default_factory=dict)
+    weights_bytes: int = 0  # parameters and buffers as loaded (dtype and float32-kept modules included)
+    # GPU only: one task's finish (a latent stage's VAE decode): its activations, and weights plus them.
+    finish_activation_bytes: int = 0
+    finish_peak_bytes: int = 0
+    # Step time by invariance mode ("split", "per_task", "off") and batch, where they were measured;
+    # `step_s` is the profile's own mode (`Profile.invariance`).
+    step_s_by_invariance: dict[str, dict[int, float]] = Field(default_factory=dict)
     # CPU: a step's time with every other core busy over its time alone, by threads (batch 1). Cores
     # share caches, memory bandwidth and clock boost, so a full machine steps slower than an idle one.
     loaded: dict[int, float] = Field(default_factory=dict)
@@ -82,6 +95,8 @@ class Profile(BaseModel):
     preset: str | None = None
     dtype: str = "float32"
     batch_invariant: bool = True
+    invariance: str | None = None  # the mode `step_s` was measured in ("split", "per_task", "off"), if named
+    random_weights: bool = False  # built in memory from the preset rather than loaded from a folder
     created: str = ""
     command: str = ""  # what made it
     encoder: StageProfile
@@ -198,7 +213,12 @@ def burn(family_name: str, root: str, dtype: str, stage: str) -> None:
     from stages.families import get_family
 
     torch.set_num_threads(1)
-    work = _Work(get_family(family_name), root, 1, torch_dtype=getattr(torch, dtype))
+    family, torch_dtype = get_family(family_name), getattr(torch, dtype)
+    if root.startswith(RANDOM):
+        preset, _, seed = root.removeprefix(RANDOM).rpartition(":")
+        work = Work.random(family, preset, 1, seed=int(seed), torch_dtype=torch_dtype)
+    else:
+        work = Work.load(family, root, 1, torch_dtype=torch_dtype)
     for spec, engine, _, endless in work.stages():
         if spec.name == stage:
             with torch.inference_mode():
@@ -220,45 +240,70 @@ def module_bytes(pipe: Any) -> int:
     return total
 
 
+def activation_bytes(call: Callable[[], Any]) -> int:
+    """Bytes of accelerator memory `call` needs above what was allocated before it (its activations and
+    workspaces; what it leaves allocated is included). CUDA only."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before)
+
+
 def profile_family(
     family: ModelFamily,
-    root: str | Path,
+    root: str | Path | None,
     *,
     device: str = "cpu",
     torch_dtype: torch.dtype = torch.float32,
-    batch_invariant: bool = True,
+    batch_invariant: bool | str = True,
     batch_sizes: list[int] = (1, 2, 4),
     threads: list[int] = (1,),
     repeats: int = 3,
     preset: str | None = None,
     command: str = "",
     progress: Callable[[str], None] = lambda line: None,
+    random_weights: bool = False,
+    seed: int = 0,
 ) -> Profile:
+    """With `random_weights`, `preset`'s models are built in memory on `device` in `torch_dtype` (random,
+    seeded by `seed`) instead of loaded from `root`, which is then unused."""
     gpu = device.startswith("cuda")
     dtype = str(torch_dtype).removeprefix("torch.")
+    if random_weights and not preset:
+        raise ValueError("random weights: name the preset to build")
     timer = _Timer(
         hardware(device),
         sorted({1, *batch_sizes}),  # batch 1 is every comparison's base
         [1] if gpu else sorted(set(threads)),
         repeats,
-        burner=[family.name, str(root), dtype],
+        burner=[family.name, f"{RANDOM}{preset}:{seed}" if random_weights else str(root), dtype],
     )
     progress("text encoder")
-    work = _Work(
-        family, root, max(timer.batch_sizes), device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant
-    )
+    kw = dict(device=device, torch_dtype=torch_dtype, batch_invariant=batch_invariant)
+    if random_weights:
+        work = Work.random(family, preset, max(timer.batch_sizes), seed=seed, **kw)
+    else:
+        work = Work.load(family, root, max(timer.batch_sizes), **kw)
     encoder_profile = timer.encoder(work.encoder, work.prompts)
     stages: dict[str, StageProfile] = {}
     for spec, engine, orders, endless in work.stages():
         progress(f"{spec.name} ({spec.output_size} px)")
         stages[spec.name] = timer.stage(spec.name, engine, orders, endless)
         stages[spec.name].output_size = spec.output_size
+    invariance = batch_invariant if isinstance(batch_invariant, str) else ("split" if batch_invariant else "off")
+    if len(timer.threads) == 1:  # one GPU (or one thread count): the step times are this mode's
+        for p in (encoder_profile, *stages.values()):
+            p.step_s_by_invariance = {invariance: dict(p.step_s[timer.threads[0]])}
     return Profile(
         hardware=timer.hardware,
         family=family.name,
         preset=preset,
         dtype=dtype,
-        batch_invariant=batch_invariant,
+        batch_invariant=invariance != "off",
+        invariance=invariance,
+        random_weights=random_weights,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         command=command,
         encoder=encoder_profile,
@@ -266,37 +311,68 @@ def profile_family(
     )
 
 
-class _Work:
-    """Real work orders for every stage: the encoder's embeddings of a few prompts, and for each later
-    stage the previous stage's output (one step per stage gets there fastest)."""
+RANDOM = "random:"  # a burner's "root" that means: build PRESET:SEED's random weights, as the profile did
 
-    def __init__(self, family: ModelFamily, root: str | Path, n: int, **kw: Any):
-        self.family, self.root, self.kw = family, root, kw
-        self.encoder = family.load_encoder_from(root, **kw)
+
+class Work:
+    """Real work orders for every stage: the encoder's embeddings of a few prompts, and for each later
+    stage the previous stage's output (one step per stage gets there fastest). The engines come from a
+    checkpoint folder (`load`) or from random weights built in memory (`random`)."""
+
+    def __init__(self, family: ModelFamily, encoder: Any, engine: Callable[[str], Any], n: int):
+        self.family = family
+        self.encoder = encoder
+        self.engine = engine  # stage name -> its engine
         self.prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
         self.embeddings = self.encoder.encode(self.prompts)
+
+    @classmethod
+    def load(cls, family: ModelFamily, root: str | Path, n: int, **kw: Any) -> Work:
+        return cls(family, family.load_encoder_from(root, **kw), lambda name: family.load_stage(name, root, **kw), n)
+
+    @classmethod
+    def random(cls, family: ModelFamily, preset: str, n: int, *, seed: int = 0, device: str = "cpu", **kw: Any) -> Work:
+        from stages.random_weights import build_random
+
+        built = build_random(family, preset, device=device, seed=seed, **kw)
+        return cls(family, built.encoder, built.stages.__getitem__, n)
 
     def stages(self) -> Iterator[tuple[Any, Any, Callable[[int], list], Callable[[int], list]]]:
         """(spec, engine, orders, endless) per stage, in order: `orders(n)` makes n one-step work orders,
         `endless(n)` n whose steps outlast any timing."""
+        for spec, engine, make in self.stage_makers():
+            yield spec, engine, lambda n, make=make: make(n, 1), lambda n, make=make: make(n, ENDLESS_STEPS)
+
+    def stage_makers(self) -> Iterator[tuple[Any, Any, Callable[..., list]]]:
+        """(spec, engine, make) per stage, in order: `make(n, steps, **fields)` makes n work orders of
+        `steps` steps (or of steps[i] for task i), task i with prompt i's embeddings (and text) and seed i;
+        `fields` are more request fields."""
         family = self.family
         params = family.kind(TEXT_TO_IMAGE).params
-        short = params.parse(prompt=PROMPTS[0], **{f"{spec.name}_steps": 1 for spec in family.stages})
-        long = params.parse(prompt=PROMPTS[0], **{f"{spec.name}_steps": ENDLESS_STEPS for spec in family.stages})
         previous = None
         for spec in family.stages:
 
-            def make(n: int, params, spec=spec, previous=previous) -> list:
-                return [
-                    family.stage_request(
-                        spec, f"{spec.name}-{i}", params, embeddings=self.embeddings[i], previous=previous
+            def make(n: int, steps: int | list[int], spec=spec, previous=previous, **fields: Any) -> list:
+                orders = []
+                for i in range(n):
+                    k = steps[i] if isinstance(steps, list) else steps
+                    request = params.parse(
+                        prompt=self.prompts[i % len(self.prompts)],
+                        seed=i,
+                        **{f"{s.name}_steps": k for s in family.stages},
+                        **fields,
                     )
-                    for i in range(n)
-                ]
+                    embeddings = self.embeddings[i % len(self.embeddings)]
+                    orders.append(
+                        family.stage_request(
+                            spec, f"{spec.name}-{i}", request, embeddings=embeddings, previous=previous
+                        )
+                    )
+                return orders
 
-            engine = family.load_stage(spec.name, self.root, **self.kw)
-            yield spec, engine, lambda n, make=make: make(n, short), lambda n, make=make: make(n, long)
-            previous = engine.finish(_finished_task(engine, make(1, short)))
+            engine = self.engine(spec.name)
+            yield spec, engine, make
+            previous = engine.finish(_finished_task(engine, make(1, 1)))
 
 
 class _Timer:
@@ -320,10 +396,16 @@ class _Timer:
             (t, b): _Timed(lambda b=b: encoder.encode(prompts[:b]), t) for t in self.threads for b in self.batch_sizes
         }
         timed = self(calls)
-        return StageProfile(
+        profile = StageProfile(
             step_s={t: {b: timed[t, b] for b in self.batch_sizes} for t in self.threads},
             weights_bytes=module_bytes(encoder.pipe) if isinstance(encoder, PipelineTextEncoder) else 0,
         )
+        if self.gpu:
+            with torch.inference_mode():
+                for b in self.batch_sizes:
+                    profile.activation_bytes[b] = activation_bytes(lambda b=b: encoder.encode(prompts[:b]))
+                    profile.peak_memory_bytes[b] = profile.weights_bytes + profile.activation_bytes[b]
+        return profile
 
     def stage(
         self, name: str, engine: Any, orders: Callable[[int], list], endless: Callable[[int], list]
@@ -366,11 +448,12 @@ class _Timer:
             weights_bytes=module_bytes(engine.pipe),
         )
         if self.gpu:
-            for b, tasks in batches.items():
-                torch.cuda.reset_peak_memory_stats()
-                engine.step(tasks)
-                torch.cuda.synchronize()
-                profile.peak_memory_bytes[b] = torch.cuda.max_memory_allocated()
+            with torch.inference_mode():
+                for b, tasks in batches.items():
+                    profile.activation_bytes[b] = activation_bytes(lambda tasks=tasks: engine.step(tasks))
+                    profile.peak_memory_bytes[b] = profile.weights_bytes + profile.activation_bytes[b]
+                profile.finish_activation_bytes = activation_bytes(lambda: engine.finish(finished))
+                profile.finish_peak_bytes = profile.weights_bytes + profile.finish_activation_bytes
         return profile
 
 

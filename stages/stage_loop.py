@@ -11,6 +11,10 @@ waiting caller gets its error and later calls are refused at once.
 
 A work order may carry a deadline (seconds since the epoch, so that it means the same in every
 process): past it, the task leaves the batch at the next step and its caller gets `DeadlineExceeded`.
+A stage whose engine says `finish_apart` (a UNet stage: a latent stage's VAE decode, an output's copy
+to the host) finishes tasks on a thread of its own when the loop runs on its thread, so the next step
+does not wait for a decode; the finisher posts each output back, and the loop's thread answers.
+
 `health()` says whether the loop is alive and stepping: a dead thread, or one that has made no progress
 on a non-empty batch for `stall_factor` times its usual step time, is unhealthy (a Ray replica fails its
 health check on it and is replaced). `wedge()` is a fault hook for tests: the thread stops stepping.
@@ -23,11 +27,12 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stages.errors import DeadlineExceeded, StageFailure
-from stages.executor import StageExecutor
+from stages.executor import UNFINISHED, StageExecutor
 from stages.fair_share import BATCH, DEFAULT_SHARE, Share
 from stages.family import StepEngine
 from stages.scheduler import ScheduledTask, StageReport, StageScheduler
@@ -115,6 +120,7 @@ class StageLoop:
         self.progressed_at = time.monotonic()  # the last step finished, or the loop last found no work
         self.step_seconds: float | None = None  # a moving average of step times, once one has run
         self._wedged = threading.Event()
+        self._finisher: ThreadPoolExecutor | None = None  # finishes tasks beside the step (`start`)
 
     # ---- called by the callers (any thread's event loop) -------------------------------------------
     async def run(
@@ -146,6 +152,9 @@ class StageLoop:
         return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting}
 
     def start(self) -> StageLoop:
+        if getattr(self.executor.engine, "finish_apart", False):
+            self._finisher = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-finish")
+            self.executor.finish_inline = False
         self._thread = threading.Thread(target=self._thread_main, name=f"{self.name}-engine", daemon=True)
         self._thread.start()
         return self
@@ -173,6 +182,8 @@ class StageLoop:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=False, cancel_futures=True)
 
     def _post(self, message: tuple) -> None:
         self._inbox.put(message)
@@ -267,6 +278,9 @@ class StageLoop:
                 self.stats.submitted += 1
                 if self.metrics:
                     self.metrics.arrived_task()
+            elif message[0] == "finished":
+                _, task, output, error, end = message
+                self._finished(task, output, error, end)
             else:
                 self.scheduler.cancel(message[1])  # reported by the next update()
 
@@ -300,15 +314,29 @@ class StageLoop:
             if self.metrics:
                 self.metrics.stepped(end - start, report.batch_size, len(report.finished))
         for task, error in report.failed:
+            self._finished(task, None, error, end)
+        for task, output in report.finished:
+            if output is UNFINISHED:
+                self._finisher.submit(self._finish_apart, task)
+            else:
+                self._finished(task, output, None, end)
+
+    def _finish_apart(self, task: ScheduledTask) -> None:
+        """On the finisher's thread: the task's output, posted back to the loop's thread to answer."""
+        output, error = self.executor.finish(task)
+        self._post(("finished", task, output, error, time.perf_counter()))
+
+    def _finished(self, task: ScheduledTask, output: Any, error: BaseException | None, end: float) -> None:
+        if error is not None:
             self.stats.failed += 1
             if self.metrics:
                 self.metrics.ended("failed")
             self._resolve(task.request_id, error=error)
-        for task, output in report.finished:
-            self.stats.completed += 1
-            if self.metrics:
-                self.metrics.finished(end - task.arrival)
-            self._resolve(task.request_id, result=(output, self._record(task, end)))
+            return
+        self.stats.completed += 1
+        if self.metrics:
+            self.metrics.finished(end - task.arrival)
+        self._resolve(task.request_id, result=(output, self._record(task, end)))
 
     def _record(self, task: ScheduledTask, end: float) -> StageRecord:
         started = task.first_step_at or end

@@ -8,12 +8,13 @@ the generator travels stage to stage exactly as the single generator of the refe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import PIL.Image
 import torch
 from diffusers import SchedulerMixin
 
+from stages.batched_step import previous_timesteps
 from stages.params import expected_steps
 
 
@@ -72,6 +73,14 @@ class Task:
     class_label: torch.Tensor | None = None  # noise level fed as the UNet's class label
     mask: torch.Tensor | None = None  # inpainting: 1 where the step's result is kept, 0 where x_t stays
     step_index: int = 0
+    # The timesteps on the host, read once here so that no step reads the device; and each one's
+    # predecessor as the scheduler's step finds it (None: a scheduler stages/batched_step.py does not know).
+    host_timesteps: list = field(init=False)
+    prev_timesteps: list[int] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.host_timesteps = self.timesteps.tolist()
+        self.prev_timesteps = previous_timesteps(self.scheduler, self.host_timesteps)
 
     @property
     def request_id(self) -> str:

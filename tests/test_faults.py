@@ -61,6 +61,11 @@ class FaultyUpscaler(StageIII):
             raise RuntimeError("injected fault")
         return super().predict(tasks)
 
+    def advance_batch(self, tasks, outputs):
+        if any(_poisoned(t.request, "advance") for t in tasks):
+            raise RuntimeError("injected fault")
+        return super().advance_batch(tasks, outputs)
+
     def advance(self, task, output):
         if _poisoned(task.request, "advance"):
             raise RuntimeError("injected fault")

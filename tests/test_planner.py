@@ -7,11 +7,24 @@ import math
 import pytest
 import yaml
 
-from serve.config import load_config
-from serve.planner import ENCODER, Load, MixEntry, Objectives, StageDemand, demand, plan
+from serve.config import load_config, parse_config
+from serve.planner import (
+    CUDA_CONTEXT_BYTES,
+    ENCODER,
+    Load,
+    MixEntry,
+    Objectives,
+    StageDemand,
+    demand,
+    estimate_profile,
+    loaded_bytes,
+    plan,
+    weights_bytes,
+)
 from stages.errors import InvalidParameter
 from stages.families import DEEPFLOYD_IF
 from stages.profiling import Hardware, Profile, StageProfile
+from tests.serving import ROOT
 
 GIB = 1 << 30
 QUICK = {"stage1_timesteps": "fast27", "stage2_steps": 10, "stage3_steps": 10}
@@ -151,8 +164,37 @@ def test_fixed_gpus_go_to_the_stage_that_caps_throughput():
     assert heaviest.replicas == max(c.replicas for c in p.stages) > 1
     # one more GPU anywhere but the weakest stage would not raise the throughput
     assert p.throughput == pytest.approx(min(c.capacity for c in p.stages))
-    with pytest.raises(InvalidParameter, match="gpus"):
-        plan(gpu_profile(), gpus=2)
+
+
+def test_one_gpu_shared_by_every_deployment_takes_its_memory_share_of_the_card():
+    """Issue 27: fewer GPUs than deployments (deploy/single-gpu.yaml) is planned, not refused: each
+    deployment's num_gpus is its memory share of the card, the shares fit one card, and the deployments
+    take turns on it."""
+    mix = Load(mix=[MixEntry(size=1024, fields={"stage3_steps": 10})])
+    p = plan(gpu_profile(), mix, gpus=1)
+    assert p.shared_gpus and all(c.replicas == c.max_replicas == 1 for c in p.stages)
+    assert 0.9 <= sum(c.gpus for c in p.stages) <= 1.0  # the card filled, never more
+    # alone, stage III would take batch 4 (60 GiB); beside the others' 12 + 12 + 9 GiB it must come down
+    assert p.choice("stage3").batch == 1 and any("share 1 GPU" in n for n in p.choice("stage3").notes)
+    profiled = {ENCODER: gpu_profile().encoder, **gpu_profile().stages}
+    need = {c.name: profiled[c.name].peak_memory_bytes[c.batch] for c in p.stages}
+    assert sum(need.values()) + 4 * CUDA_CONTEXT_BYTES <= 0.9 * 80 * GIB
+    for c in p.stages:  # a share at least its memory's: Ray's packing then keeps the card's memory whole
+        assert c.gpus >= (need[c.name] + CUDA_CONTEXT_BYTES) / (0.9 * 80 * GIB) - 0.01
+    assert p.throughput == pytest.approx(1 / sum(c.work for c in p.stages))  # one GPU's time, shared
+    assert p.bottleneck.startswith("the GPU")
+    config = p.config({"model": {"id": "m", "checkpoints": "ck", "device": "cuda", "dtype": "float16"}})
+    assert config["cluster"]["num_gpus"] == 1.0
+    loaded = parse_config(config)  # `device: cuda` with every deployment on a share of the GPU
+    assert sum(r.num_gpus for _, r in loaded.replicas()) <= 1.0
+
+    # two GPUs for four deployments: shares packed onto two cards
+    two = plan(gpu_profile(), mix, gpus=2)
+    assert two.shared_gpus and sum(c.gpus for c in two.stages) <= 2.0 and two.choice("stage3").batch == 4
+    # not even batch 1 fits together: refused with what they need
+    with pytest.raises(InvalidParameter, match="need .* GiB together at batch 1") as err:
+        plan(gpu_profile(card_gib=40), mix, gpus=1)
+    assert err.value.param == "gpus"
 
 
 def test_a_stage_too_big_for_the_card_gets_advice():
@@ -229,3 +271,69 @@ def test_a_profile_of_the_tiny_checkpoints_plans_a_config_that_loads(tiny_checkp
     config = load_config(planned)
     assert {name: s.max_batch_size for name, s in config.stages.items()}.keys() == {"stage1", "stage2", "stage3"}
     assert all(s.num_cpus == 1 for _, s in config.replicas())  # the only thread count profiled
+
+
+T5_XXL_ENCODER = 4_762_310_656  # parameters (tests/test_checkpoints.py)
+T5_XXL_WO = 24 * 10240 * 4096  # its 24 feed-forward output layers `wo`: d_ff x d_model each
+
+
+def test_weights_are_counted_as_loading_holds_them_from_the_full_configs():
+    """Issue 27: float16 T5 is not 9.5 GB. transformers keeps T5's `wo` layers in float32 under float16
+    (`_keep_in_fp32_modules`), not under bfloat16; the planner's weights come from the configs' parameters."""
+    fp16, bf16 = weights_bytes(dtype="float16"), weights_bytes(dtype="bfloat16")
+    assert fp16[ENCODER] == 2 * T5_XXL_ENCODER + 2 * T5_XXL_WO  # 11.54 GB
+    assert bf16[ENCODER] == 2 * T5_XXL_ENCODER  # 9.52 GB
+    assert round(fp16[ENCODER] / 1e9, 1) == 11.5 and round(bf16[ENCODER] / 1e9, 1) == 9.5
+    assert weights_bytes(dtype="float16", text_encoder_dtype="bfloat16")[ENCODER] == bf16[ENCODER]
+    assert fp16["stage1"] == 2 * 4_304_695_110 and fp16["stage2"] == 2 * 1_243_277_190
+    # stage III: UNet and CLIP in float16, the VAE in float32 (the upscaler upcasts it, as diffusers does),
+    # and CLIP's position ids (77 int64)
+    assert fp16["stage3"] == 2 * (473_398_020 + 340_387_840) + 4 * 55_325_927 + 77 * 8
+
+
+def test_loaded_bytes_is_what_transformers_loads(tmp_path):
+    """The rule `loaded_bytes` follows, checked against transformers itself on a small T5 written to disk."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, vocab_size=64,
+                      feed_forward_proj="gated-gelu")  # fmt: skip
+    T5EncoderModel(config).save_pretrained(tmp_path)
+    for dtype, name in ((torch.float16, "float16"), (torch.bfloat16, "bfloat16"), (torch.float32, "float32")):
+        loaded = T5EncoderModel.from_pretrained(tmp_path, torch_dtype=dtype)
+        held = sum(t.numel() * t.element_size() for t in (*loaded.parameters(), *loaded.buffers()))
+        assert loaded_bytes(T5EncoderModel(config), name) == held, name
+        kept = {n for n, t in loaded.named_parameters() if t.dtype == torch.float32}
+        wo = {n for n, _ in loaded.named_parameters() if ".wo." in n}
+        assert kept == {"float16": wo, "bfloat16": set()}.get(name, kept), name  # only float16 keeps `wo`
+
+
+def test_an_estimated_profile_has_the_shape_a_measured_one_has():
+    tiny = estimate_profile(preset="tiny", batch_sizes=[1, 2], tflops=100)
+    assert tiny.on_gpu and "estimate" in tiny.hardware.name and sorted(tiny.stages) == ["stage1", "stage2", "stage3"]
+    for name, s in [(ENCODER, tiny.encoder), *tiny.stages.items()]:
+        assert sorted(s.step_s[1]) == [1, 2] and all(v > 0 for v in s.step_s[1].values()), name
+        assert s.weights_bytes < s.peak_memory_bytes[1] <= s.peak_memory_bytes[2], name
+    assert tiny.stages["stage3"].finish_s[1] > 0 and tiny.stages["stage3"].deliver_s[1] > 0  # VAE decode, PNG
+    # split runs the batch-sensitive ops once per task: more launches than one plain batched call
+    off = estimate_profile(preset="tiny", batch_sizes=[1, 2], tflops=100, invariance="off")
+    assert off.stages["stage1"].step_s[1][2] <= tiny.stages["stage1"].step_s[1][2]
+    with pytest.raises(InvalidParameter):
+        estimate_profile("decidiffusion")
+
+
+def test_the_single_gpu_config_is_the_plan_of_the_estimate_it_names(tmp_path):
+    """deploy/single-gpu.yaml is `ifserve plan --gpus 1` of `ifserve estimate` (its header's commands):
+    the same batch and GPU share for every deployment."""
+    from serve.cli import main
+
+    profile_path = tmp_path / "estimate.json"
+    assert main(["estimate", "--out", str(profile_path)]) == 0
+    shipped = ROOT / "deploy" / "single-gpu.yaml"
+    planned = tmp_path / "single-gpu.yaml"
+    argv = ["plan", "--profile", str(profile_path), "--gpus", "1", "--base", str(shipped), "--out", str(planned)]
+    assert main(argv) == 0
+    mine, theirs = load_config(planned), load_config(shipped)
+    for (field, ours), (_, shipped_replica) in zip(mine.replicas(), theirs.replicas(), strict=True):
+        assert (ours.num_gpus, ours.max_batch_size) == (shipped_replica.num_gpus, shipped_replica.max_batch_size), field
+    assert sum(r.num_gpus for _, r in theirs.replicas()) <= 1.0 and theirs.cluster.num_gpus == 1

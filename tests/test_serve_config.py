@@ -108,31 +108,97 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     assert missing.returncode == 2 and "--config: cannot read" in missing.stderr
 
 
+def _config(model: dict | None = None, encoder: dict | None = None, stages: dict | None = None) -> dict:
+    data: dict = {"model": {"id": "m", "checkpoints": "ck", **(model or {})}}
+    if encoder is not None:
+        data["encoder"] = encoder
+    if stages is not None:
+        data["stages"] = stages
+    return data
+
+
+def _gpu_stages(**changes: dict) -> dict:
+    """A quarter of a GPU for every stage, with `changes` per stage."""
+    return {f"stage{i}": {"num_gpus": 0.25, **changes.get(f"stage{i}", {})} for i in (1, 2, 3)}
+
+
+ON_GPU = {"encoder": {"num_gpus": 0.25}, "stages": _gpu_stages()}
+
+
 @pytest.mark.parametrize(
-    "override,param",
+    "data,param",
     [
-        ({"model": {"text_encoder_8bit": True}}, "model.text_encoder_8bit"),
-        ({"stages": {"stage3": {"cpu_offload": True}}}, "stages.stage3.cpu_offload"),
-        ({"model": {"device": "cuda"}, "stages": {"stage2": {"cpu_offload": True}}}, "stages.stage2.cpu_offload"),
+        (_config(stages={"stage3": {"cpu_offload": True}}), "stages.stage3.cpu_offload"),
+        (_config({"device": "cuda"}, stages={"stage2": {"cpu_offload": True}}), "stages.stage2.cpu_offload"),
+        # Issue 27: every deployment of a GPU model needs a GPU from Ray, and a CPU model's none.
+        (_config({"device": "cuda"}), "encoder.num_gpus"),
+        (_config({"device": "cuda"}, encoder={"num_gpus": 0.5}), "stages.stage1.num_gpus"),
+        (
+            _config({"device": "cuda:0"}, ON_GPU["encoder"], _gpu_stages(stage3={"num_gpus": 0})),
+            "stages.stage3.num_gpus",
+        ),
+        (_config(stages={"stage2": {"num_gpus": 1}}), "stages.stage2.num_gpus"),
+        (_config(encoder={"num_gpus": 0.5}), "encoder.num_gpus"),
     ],
 )
-def test_memory_options_that_need_a_gpu_are_refused_on_cpu_naming_the_key(override, param):
-    """8-bit T5 and model CPU offload are GPU options (the seed's, for smaller GPUs): a CPU config asking
-    for them is refused at load, naming the key, rather than failing in a replica."""
-    data = {"model": {"id": "m", "checkpoints": "ck"}}
-    for key, value in override.items():
-        data[key] = {**data.get(key, {}), **value}
+def test_gpu_options_are_refused_where_no_gpu_is_or_where_one_is_missing(data, param):
+    """Model CPU offload is a GPU option (the seed's, for smaller GPUs), and `device: cuda` with a
+    deployment that asks Ray for no GPU (or `device: cpu` with one that does) cannot be what was meant:
+    refused at load, naming the key, rather than failing (or idling a GPU) in a replica."""
     with pytest.raises(InvalidParameter) as err:
         parse_config(data)
-    assert err.value.param == param
+    assert err.value.param == param, str(err.value)
+    assert parse_config(_config({"device": "cuda"}, **ON_GPU)).model.on_gpu  # every deployment has a share
+
+
+@pytest.mark.parametrize(
+    "model,new",
+    [
+        ({"text_encoder_8bit": True}, "text_encoder_dtype: bfloat16"),
+        ({"batch_invariant": True}, "batch_invariance: split"),
+        ({"batch_invariant": False}, "batch_invariance: off"),
+    ],
+)
+def test_replaced_keys_are_refused_naming_the_key_and_showing_the_new_form(model, new):
+    """Issue 27: 8-bit T5 is gone (it ran on the CPU, and bitsandbytes' outlier columns made a prompt's
+    embedding depend on its batch-mates); `batch_invariant` became the per-deployment `batch_invariance`."""
+    with pytest.raises(InvalidParameter) as err:
+        parse_config(_config(model))
+    assert err.value.param == f"model.{next(iter(model))}"
+    assert new in err.value.message
+    # what the message says to write loads, read from YAML as a person writes it (unquoted `off` is false)
+    assert parse_config(_config(yaml.safe_load(new)))
+
+
+def test_batch_invariance_is_one_mode_or_one_per_deployment_and_reaches_each_loader():
+    from serve.deployments import DTYPES, _encoder_options, _stage_options
+    from stages.batch_invariance import MODES
+
+    written = "batch_invariance: {stage1: off, text_encoder: per_task}\ntext_encoder_dtype: bfloat16\ndevice: cuda"
+    config = parse_config(_config(yaml.safe_load(written), **ON_GPU))
+    nodes = build_app(config)._bound_deployment.init_args[1]["m"]  # Ingress.bind(config, {model id: nodes})
+    models = {node: app._bound_deployment.init_kwargs["model"] for node, app in nodes.items()}
+    assert {node: model["batch_invariant"] for node, model in models.items()} == {
+        "text_encoder": "per_task", "stage1": "off", "stage2": "split", "stage3": "split"
+    }  # fmt: skip
+    encoder = _encoder_options(models["text_encoder"])
+    assert encoder["batch_invariant"] == "per_task" and encoder["torch_dtype"] == DTYPES["bfloat16"]
+    stage1 = _stage_options(models["stage1"], cpu_offload=False)
+    assert stage1["batch_invariant"] == "off" and stage1["torch_dtype"] == DTYPES["float32"]
+    unset = parse_config(_config()).model  # the defaults: split everywhere, the text encoder in model.dtype
+    assert unset.invariance("stage3") == unset.invariance("text_encoder") == "split"
+    assert unset.encoder_dtype == "float32"
+    assert set(MODES) == {"split", "per_task", "off"}  # the config's modes are the engines'
+    for bad, word in [({"stage4": "off"}, "stage4"), ("fast", "fast"), ({"stage1": "fast"}, "fast")]:
+        with pytest.raises(InvalidParameter) as err:
+            parse_config(_config({"batch_invariance": bad}))
+        assert err.value.param == "model.batch_invariance" and word in err.value.message
 
 
 def test_memory_and_safety_options_reach_the_deployments():
+    stages = _gpu_stages(stage3={"num_gpus": 1, "cpu_offload": True})
     config = parse_config(
-        {
-            "model": {"id": "m", "checkpoints": "ck", "device": "cuda", "variant": "fp16", "safety_checker": True},
-            "stages": {"stage3": {"num_gpus": 1, "cpu_offload": True}},
-        }
+        _config({"device": "cuda", "variant": "fp16", "safety_checker": True}, ON_GPU["encoder"], stages)
     )
     stages = build_app(config)._bound_deployment.init_args[1]["m"]  # Ingress.bind(config, {model id: nodes})
     stage2, stage3 = (stages[name]._bound_deployment.init_kwargs for name in ("stage2", "stage3"))

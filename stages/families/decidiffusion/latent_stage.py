@@ -18,7 +18,7 @@ from stages.task import StageRequest, Task
 class LatentStage(DenoisingStage):
     latent = True
 
-    def __init__(self, pipe, batch_invariant: bool = True, name: str = "denoiser"):
+    def __init__(self, pipe, batch_invariant: bool | str = True, name: str = "denoiser"):
         super().__init__(pipe, batch_invariant, name)
         # The pipeline's default image size: the UNet's sample size in latents, times the VAE's factor.
         self.latent_size = self.unet.config.sample_size

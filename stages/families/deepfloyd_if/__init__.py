@@ -13,7 +13,6 @@ from pathlib import Path
 
 from diffusers.pipelines.deepfloyd_if import timesteps as _if_timesteps
 from pydantic import Field
-from transformers import T5EncoderModel
 
 from stages.encoding import PipelineTextEncoder
 from stages.families.deepfloyd_if.checkpoints import FOLDERS, write_pipelines
@@ -23,7 +22,7 @@ from stages.families.deepfloyd_if.safety import COMPONENTS as SAFETY
 from stages.families.deepfloyd_if.safety import SafetyFilter
 from stages.families.deepfloyd_if.upscaler import StageIII
 from stages.family import ModelFamily, StageSpec, TaskKind
-from stages.loading import load_8bit_text_encoder, load_pipeline
+from stages.loading import load_pipeline
 from stages.params import Guidance, NoiseLevel, StageParams, Steps, Strength, request_params
 
 # Named timestep lists shipped with diffusers (fast27, smart50, super100, ...).
@@ -105,19 +104,15 @@ InpaintParams = request_params(
 
 
 def load_text_encoder(
-    path, *, batch_invariant: bool = True, safety_checker: bool = False, text_encoder_8bit: bool = False, **kw
+    path, *, batch_invariant: bool | str = True, safety_checker: bool = False, **kw
 ) -> PipelineTextEncoder:
-    """T5 from the stage I folder (its UNet left out); in 8-bit with `text_encoder_8bit` (bitsandbytes)."""
-    given = (
-        {"text_encoder": load_8bit_text_encoder(Path(path) / "text_encoder", T5EncoderModel)}
-        if text_encoder_8bit
-        else {}
-    )
-    if given:
-        kw["device"] = "cpu"  # the 8-bit model is placed already; the rest of the pipeline holds no weights
-    pipe = load_pipeline(
-        path, expect=("IFPipeline",), exclude=("unet", *SAFETY), param="text_encoder", components=given, **kw
-    )
+    """T5 from the stage I folder (its UNet left out), in `torch_dtype` (the config's
+    `model.text_encoder_dtype`, else `model.dtype`). transformers 5 keeps the modules a model names in
+    `_keep_in_fp32_modules` (T5: the feed-forward output layers `wo`) in float32 when it loads in float16,
+    and nothing in bfloat16 (only `_keep_in_fp32_modules_strict`, which T5 has none of): T5-v1.1-XXL's
+    encoder is ~11.5 GB in float16 and ~9.5 GB in bfloat16 (stages/estimates.py `weights_bytes`).
+    `batch_invariant`: a mode ("split", "per_task", "off") or the older bool."""
+    pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("unet", *SAFETY), param="text_encoder", **kw)
     return PipelineTextEncoder(pipe, batch_invariant)
 
 
@@ -130,18 +125,18 @@ def _with_safety(stage, path, safety_checker: bool, kw: dict):
     return stage
 
 
-def load_stage1(path, *, name: str = "stage1", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+def load_stage1(path, *, name: str = "stage1", batch_invariant: bool | str = True, safety_checker: bool = False, **kw):
     pipe = load_pipeline(path, expect=("IFPipeline",), exclude=("text_encoder", *SAFETY), param=name, **kw)
     return _with_safety(StageI(pipe, batch_invariant, name), path, safety_checker, kw)
 
 
-def load_stage2(path, *, name: str = "stage2", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+def load_stage2(path, *, name: str = "stage2", batch_invariant: bool | str = True, safety_checker: bool = False, **kw):
     expect = ("IFSuperResolutionPipeline",)
     pipe = load_pipeline(path, expect=expect, exclude=("text_encoder", *SAFETY), param=name, **kw)
     return _with_safety(StageII(pipe, batch_invariant, name), path, safety_checker, kw)
 
 
-def load_stage3(path, *, name: str = "stage3", batch_invariant: bool = True, safety_checker: bool = False, **kw):
+def load_stage3(path, *, name: str = "stage3", batch_invariant: bool | str = True, safety_checker: bool = False, **kw):
     expect = ("StableDiffusionUpscalePipeline",)
     pipe = load_pipeline(path, expect=expect, exclude=SAFETY, param=name, **kw)
     return _with_safety(StageIII(pipe, batch_invariant, name), path, safety_checker, kw)
@@ -153,6 +148,18 @@ def _limits(root: Path) -> dict[str, float]:
         return {"stage3_noise_level": json.loads(index.read_text())["max_noise_level"]}
     except (OSError, ValueError, KeyError):
         return {}  # the stage itself still refuses it
+
+
+def _random_engines(preset: str, **kw):
+    from stages.families.deepfloyd_if.checkpoints import random_engines
+
+    return random_engines(preset, **kw)
+
+
+def _estimate_calls(preset: str, dtype: str, encoder_dtype: str) -> dict:
+    from stages.families.deepfloyd_if.estimate import estimate_calls
+
+    return estimate_calls(preset, dtype, encoder_dtype)
 
 
 DEEPFLOYD_IF = ModelFamily(
@@ -174,7 +181,9 @@ DEEPFLOYD_IF = ModelFamily(
         TaskKind("image-to-image", Img2ImgParams, image=True),
         TaskKind("inpainting", InpaintParams, image=True, mask=True),
     ),
-    options=("safety_checker", "text_encoder_8bit"),
+    options=("safety_checker",),
+    build_random=_random_engines,
+    estimate_calls=_estimate_calls,
 )
 
 __all__ = ["DEEPFLOYD_IF", "GenerationParams", "Img2ImgParams", "InpaintParams", "TIMESTEP_LISTS"]

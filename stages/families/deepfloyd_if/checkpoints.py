@@ -185,3 +185,123 @@ def parameter_counts(preset_name: str) -> dict[str, int]:
         for name, build in builders.items():
             counts[name] = sum(p.numel() for p in build().parameters())
     return counts
+
+
+# ---- random weights in memory, on the device (no checkpoint folder) -----------------------------------
+
+
+def as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` in `dtype` as `from_pretrained(torch_dtype=dtype)` holds it: in float16 the modules a model
+    keeps in float32 (`_keep_in_fp32_modules`: T5's feed-forward output layers `wo`) stay float32, so
+    that float16 T5 counts at its real size."""
+    torch.nn.Module.to(model, dtype)  # the plain cast: diffusers' own `to` warns of what is done next
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype == torch.float16 and keep:
+        for name, module in model.named_modules():
+            if name.rpartition(".")[2] in keep:
+                module.to(torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def build_pipelines(
+    preset_name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, object]:
+    """The three pipelines `write_pipelines` saves, built in memory instead, by stage: random weights
+    made on `device` (each model initialised there in float32, then cast to `dtype` as loading casts
+    it), nothing written to disk. For `full` in float16 on a GPU, the 45 GB that the released weights
+    and a written checkpoint would take on disk are never needed. Weights come from torch's global
+    generator (seed it first); the tokenizers are the presets' trained ones."""
+    import tempfile
+
+    preset = get_preset(preset_name)
+    with tempfile.TemporaryDirectory(prefix="if-tokenizers-") as tmp:
+        t5_tokenizer = train_t5_tokenizer(Path(tmp) / "t5", preset.t5_pieces)
+        clip_tokenizer = train_clip_tokenizer(Path(tmp) / "clip", preset.clip_merges)
+
+    def build(make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        with torch.device(device):
+            model = make()
+        return as_loaded(model, dtype)
+
+    progress(f"IF-I ({preset.name}, {dtype}, on {device}): T5 text encoder + stage I UNet")
+    stage1 = IFPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=build(lambda: build_text_encoder(preset, _vocab(preset, "t5", t5_tokenizer))),
+        unet=build(lambda: build_unet(preset, "stage1")),
+        scheduler=_scheduler(DDPMScheduler, preset.config("stage1_scheduler")),
+        **dict.fromkeys(SAFETY_COMPONENTS),
+        requires_safety_checker=False,
+    )
+    progress(f"IF-II ({preset.name}): stage II UNet")
+    stage2 = IFSuperResolutionPipeline(
+        tokenizer=t5_tokenizer,
+        text_encoder=None,
+        unet=build(lambda: build_unet(preset, "stage2")),
+        scheduler=_scheduler(DDPMScheduler, preset.config("stage2_scheduler")),
+        image_noising_scheduler=_scheduler(DDPMScheduler, preset.config("stage2_image_noising_scheduler")),
+        **dict.fromkeys(SAFETY_COMPONENTS),
+        requires_safety_checker=False,
+    )
+    progress(f"x4-upscaler ({preset.name}): CLIP text encoder + UNet + VAE")
+    stage3 = StableDiffusionUpscalePipeline(
+        vae=build(lambda: build_vae(preset)),
+        text_encoder=build(lambda: build_clip_text_encoder(preset, _vocab(preset, "clip", clip_tokenizer))),
+        tokenizer=clip_tokenizer,
+        unet=build(lambda: build_unet(preset, "stage3")),
+        low_res_scheduler=_scheduler(DDPMScheduler, preset.config("stage3_low_res_scheduler")),
+        scheduler=_scheduler(DDIMScheduler, preset.config("stage3_scheduler")),
+        max_noise_level=350,
+    )
+    pipes = {"stage1": stage1, "stage2": stage2, "stage3": stage3}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def _sharing(pipe, **replace):
+    """A pipeline of `pipe`'s class over the same models (no copy of any weight), with its own copies of
+    the schedulers and tokenizers, and `replace`'s components instead of those."""
+    import copy
+
+    components = {
+        name: value if value is None or isinstance(value, torch.nn.Module) else copy.deepcopy(value)
+        for name, value in pipe.components.items()
+    }
+    extra = {"max_noise_level": pipe.config.max_noise_level} if "max_noise_level" in pipe.config else {}
+    if "requires_safety_checker" in pipe.config:
+        extra["requires_safety_checker"] = False
+    shared = type(pipe)(**{**components, **replace}, **extra)
+    shared.set_progress_bar_config(disable=True)
+    return shared
+
+
+def random_engines(
+    preset_name: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_invariant: bool | str = True,
+    progress: Callable[[str], None] = lambda message: None,
+) -> tuple[object, dict[str, object], tuple[object, object, object]]:
+    """IF's text encoder and stage engines over random weights built on `device` (`build_pipelines`), as
+    the loaders make them from a checkpoint folder (the encoder's pipeline without the UNet, stage I's
+    without T5), and the seed's three reference pipelines (stages/reference.py) over the same models:
+    (encoder, {stage name: engine}, (stage_1, stage_2, stage_3))."""
+    from stages.encoding import PipelineTextEncoder
+    from stages.families.deepfloyd_if.pixel_stages import StageI, StageII
+    from stages.families.deepfloyd_if.upscaler import StageIII
+
+    pipes = build_pipelines(preset_name, device=device, dtype=dtype, progress=progress)
+    encoder = PipelineTextEncoder(_sharing(pipes["stage1"], unet=None), batch_invariant)
+    engines = {
+        "stage1": StageI(_sharing(pipes["stage1"], text_encoder=None), batch_invariant, "stage1"),
+        "stage2": StageII(_sharing(pipes["stage2"]), batch_invariant, "stage2"),
+        # Built before the reference pipelines run: it keeps the VAE in float32 as the upscaler pipeline
+        # does for its decode (force_upcast), so the reference finds it so and leaves it.
+        "stage3": StageIII(_sharing(pipes["stage3"]), batch_invariant, "stage3"),
+    }
+    return encoder, engines, (pipes["stage1"], pipes["stage2"], pipes["stage3"])

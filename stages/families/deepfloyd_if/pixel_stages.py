@@ -22,20 +22,19 @@ from stages.task import StageRequest, Task
 
 
 class IFPixelStage(DenoisingStage):
-    def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage"):
+    def __init__(self, pipe, batch_invariant: bool | str = True, name: str = "stage"):
         super().__init__(pipe, batch_invariant, name)
         self.watermark_size = self.unet.config.sample_size  # as IF's pipelines call the watermarker
 
-    def _guide(self, task: Task, uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
-        channels = task.sample.shape[1]
+    def _guide(self, tasks: list[Task], uncond: torch.Tensor | None, text: torch.Tensor) -> torch.Tensor:
+        channels = tasks[0].sample.shape[1]
         noise_pred = text
         if uncond is not None:
             noise_pred_uncond, _ = uncond.split(channels, dim=1)
             noise_pred_text, predicted_variance = text.split(channels, dim=1)
-            guidance = task.request.guidance_scale
-            noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            noise_pred = super()._guide(tasks, noise_pred_uncond, noise_pred_text)
             noise_pred = torch.cat([noise_pred, predicted_variance], dim=1)
-        if task.scheduler.config.variance_type not in ["learned", "learned_range"]:
+        if tasks[0].scheduler.config.variance_type not in ["learned", "learned_range"]:
             noise_pred, _ = noise_pred.split(channels, dim=1)
         return noise_pred
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from stages.batch_invariance import row_groups
 from stages.engine import DenoisingStage
 from stages.errors import InvalidParameter
 from stages.task import StageRequest, Task
@@ -17,7 +16,7 @@ from stages.task import StageRequest, Task
 class StageIII(DenoisingStage):
     latent = True  # the final stage's output is the decoded image, clamped as the pipeline's postprocess
 
-    def __init__(self, pipe, batch_invariant: bool = True, name: str = "stage3"):
+    def __init__(self, pipe, batch_invariant: bool | str = True, name: str = "stage3"):
         super().__init__(pipe, batch_invariant, name)
         self.max_noise_level = pipe.config.max_noise_level
         vae = pipe.vae
@@ -38,11 +37,7 @@ class StageIII(DenoisingStage):
             self._check_image(request)
         if not requests:
             return []
-        # One batched CLIP forward for all admitted prompts; "" is what diffusers uses for no negative.
-        with row_groups([1] * len(requests), self.batch_invariant):
-            cond, uncond = self.pipe.encode_prompt(
-                [r.prompt for r in requests], self.device, 1, True, [r.negative_prompt or "" for r in requests]
-            )
+        cond, uncond = self._encode_prompts(requests)
         tasks = []
         for i, request in enumerate(requests):
             generator = self._generator(request)
@@ -68,6 +63,17 @@ class StageIII(DenoisingStage):
                 )
             )
         return tasks
+
+    def _encode_prompts(self, requests: list[StageRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched CLIP forward for all admitted prompts (one each under "per_task"); "" is what
+        diffusers uses for no negative."""
+        if self.invariance == "per_task" and len(requests) > 1:
+            pairs = [self._encode_prompts([r]) for r in requests]
+            return torch.cat([c for c, _ in pairs]), torch.cat([u for _, u in pairs])
+        with self.row_groups([1] * len(requests)):
+            return self.pipe.encode_prompt(
+                [r.prompt for r in requests], self.device, 1, True, [r.negative_prompt or "" for r in requests]
+            )
 
     def _model_input(self, task: Task) -> torch.Tensor:
         latents = task.scheduler.scale_model_input(task.sample, task.timestep)
