@@ -500,10 +500,13 @@ def _min_core_s(options: dict[tuple[int, int], float], gpu: bool) -> float:
 
 
 def _need(p: StageProfile, batch: int) -> int:
-    """Accelerator bytes one replica's tensors take at `batch`: the profiled peak of its step (or of one
-    task's finish, e.g. a VAE decode, where the profile has it), else its weights."""
+    """Accelerator bytes one replica's tensors take at `batch`: the profiled peak of its step, else its
+    weights, plus one task's finish activations (a VAE decode), which run beside the step on the replica's
+    finisher thread (stages/stage_loop.py)."""
     peak = p.peak_memory_bytes.get(batch)
-    return max(p.weights_bytes if peak is None else peak, getattr(p, "finish_peak_bytes", 0) or 0)
+    step = p.weights_bytes if peak is None else peak
+    finish = p.finish_activation_bytes or max(0, (p.finish_peak_bytes or 0) - p.weights_bytes)
+    return step + finish
 
 
 def _fits(p: StageProfile, batch: int, memory: int) -> bool:

@@ -99,7 +99,22 @@ def supports(tasks: Sequence[StepTask]) -> bool:
     ):
         return False
     shapes = {(tuple(t.sample.shape), tuple(t.model_output.shape), t.sample.dtype, t.sample.device) for t in tasks}
-    return len(shapes) == 1 and all(t.sample.shape[0] == 1 for t in tasks)
+    if len(shapes) != 1 or any(t.sample.shape[0] != 1 for t in tasks):
+        return False
+    # Torch's CPU kernels multiply and divide a reduced-precision tensor by a scalar's unrounded value:
+    # there, only float32 and float64 are stepped as one (a CPU serves in float32).
+    sample = tasks[0].sample
+    if sample.device.type == "cpu" and sample.dtype not in (torch.float32, torch.float64):
+        return False
+    # An edit's scheduler copy holds its alphas on the device once `add_noise` has run (diffusers moves
+    # them there), and its step then computes with device scalars: tasks step as one only alongside tasks
+    # whose alphas are on the same device.
+    return len({scalars_device(t.scheduler) for t in tasks}) == 1
+
+
+def scalars_device(scheduler) -> torch.device:
+    """Where the scheduler's per-step scalars live: the CPU, or the device after an `add_noise`."""
+    return scheduler.alphas_cumprod.device
 
 
 def batched_step(tasks: Sequence[StepTask], eta: float = 0.0) -> torch.Tensor:
@@ -114,20 +129,26 @@ def batched_step(tasks: Sequence[StepTask], eta: float = 0.0) -> torch.Tensor:
 
 
 class _Columns:
-    """Per-task 0-dim host values as (n, 1, 1, 1) columns in the batch's dtype, on its device."""
+    """Per-task 0-dim values (computed where each task's own step computes them) as (n, 1, 1, 1) columns
+    in the batch's dtype, on its device: torch casts a 0-dim operand to the other's dtype."""
 
-    def __init__(self, like: torch.Tensor):
+    def __init__(self, like: torch.Tensor, scalars: torch.device):
         self.like = like
+        self.scalars = scalars  # where the tasks' scalars live (`scalars_device`)
+
+    @property
+    def host_scalars(self) -> bool:
+        return self.scalars.type == "cpu"
 
     def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
-        column = torch.stack([v.reshape(()) for v in values]).to(self.like.dtype)
+        column = torch.stack([v.reshape(()).to(self.scalars) for v in values]).to(self.like.dtype)
         return to_device(column.view(-1, *([1] * (self.like.ndim - 1))), self.like.device)
 
 
-def _divide(x: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
-    """`x / scalar` as torch computes it per task: on CUDA as x times the scalar's reciprocal (in the
-    op's compute type), elsewhere as a division."""
-    if x.device.type != "cuda":
+def _divide(x: torch.Tensor, column: torch.Tensor, col: _Columns) -> torch.Tensor:
+    """`x / scalar` as torch computes it per task: a CUDA tensor divided by a CPU scalar is x times the
+    scalar's reciprocal (in the op's compute type); by a device scalar, and on the CPU, a division."""
+    if x.device.type != "cuda" or not col.host_scalars:
         return x / column
     opmath = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     return (x.to(opmath) * torch.reciprocal(column.to(opmath))).to(x.dtype)
@@ -149,7 +170,7 @@ def _noise(tasks: Sequence[StepTask], like: torch.Tensor) -> torch.Tensor:
 def _predicted_x0(scheduler, col: _Columns, a_t, beta_t, sample, model_output) -> torch.Tensor:
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
-        return _divide(sample - col([b**0.5 for b in beta_t]) * model_output, col([a**0.5 for a in a_t]))
+        return _divide(sample - col([b**0.5 for b in beta_t]) * model_output, col([a**0.5 for a in a_t]), col)
     if prediction == "sample":
         return model_output
     if prediction == "v_prediction":
@@ -171,9 +192,10 @@ def _ddpm(tasks: Sequence[StepTask]) -> torch.Tensor:
     predicted_variance = None
     if model_output.shape[1] == sample.shape[1] * 2 and s.variance_type in ("learned", "learned_range"):
         model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-    col = _Columns(sample)
-    a_t = [s.alphas_cumprod[t.t] for t in tasks]
-    a_prev = [s.alphas_cumprod[t.prev_t] if t.prev_t >= 0 else s.one for t in tasks]
+    col = _Columns(sample, scalars_device(s))
+    # Each task's scalars from its own scheduler copy, by the step's own expressions.
+    a_t = [t.scheduler.alphas_cumprod[t.t] for t in tasks]
+    a_prev = [t.scheduler.alphas_cumprod[t.prev_t] if t.prev_t >= 0 else t.scheduler.one for t in tasks]
     beta_t = [1 - a for a in a_t]
     beta_prev = [1 - a for a in a_prev]
     alpha = [a / p for a, p in zip(a_t, a_prev, strict=True)]
@@ -192,7 +214,7 @@ def _ddpm(tasks: Sequence[StepTask]) -> torch.Tensor:
 
 def _ddpm_variance(s, tasks, col: _Columns, predicted_variance, noise: torch.Tensor) -> torch.Tensor:
     """The variance term of each task's step (masked out by the caller where its timestep is 0)."""
-    parts = [_variance_parts(s, t) for t in tasks]
+    parts = [_variance_parts(t.scheduler, t) for t in tasks]
     kind = s.variance_type
     if kind == "learned_range":
         frac = (predicted_variance + 1) / 2
@@ -224,19 +246,19 @@ def _variance_parts(s, task: StepTask) -> tuple[torch.Tensor, torch.Tensor]:
 def _ddim(tasks: Sequence[StepTask]) -> torch.Tensor:
     s = tasks[0].scheduler
     sample, model_output = _stack(tasks)
-    col = _Columns(sample)
-    a_t = [s.alphas_cumprod[t.t] for t in tasks]
-    a_prev = [s.alphas_cumprod[t.prev_t] if t.prev_t >= 0 else s.final_alpha_cumprod for t in tasks]
+    col = _Columns(sample, scalars_device(s))
+    a_t = [t.scheduler.alphas_cumprod[t.t] for t in tasks]
+    a_prev = [t.scheduler.alphas_cumprod[t.prev_t] if t.prev_t >= 0 else t.scheduler.final_alpha_cumprod for t in tasks]
     beta_t = [1 - a for a in a_t]
     prediction = s.config.prediction_type
     x0 = _predicted_x0(s, col, a_t, beta_t, sample, model_output)
     if prediction == "epsilon":
         epsilon = model_output
     elif prediction == "sample":
-        epsilon = _divide(sample - col([a**0.5 for a in a_t]) * x0, col([b**0.5 for b in beta_t]))
+        epsilon = _divide(sample - col([a**0.5 for a in a_t]) * x0, col([b**0.5 for b in beta_t]), col)
     else:
         epsilon = col([a**0.5 for a in a_t]) * model_output + col([b**0.5 for b in beta_t]) * sample
     x0 = _clip(s, x0)
-    std = [0.0 * s._get_variance(t.t, t.prev_t) ** 0.5 for t in tasks]  # eta 0, computed as the step does
+    std = [0.0 * t.scheduler._get_variance(t.t, t.prev_t) ** 0.5 for t in tasks]  # eta 0, computed as the step does
     direction = col([(1 - p - d**2) ** 0.5 for p, d in zip(a_prev, std, strict=True)]) * epsilon
     return col([p**0.5 for p in a_prev]) * x0 + direction

@@ -39,7 +39,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from stages.batch_invariance import WithInvariance, invariance_mode
-from stages.batched_step import StepTask, batched_step, draw_noise, supports, to_device
+from stages.batched_step import StepTask, batched_step, draw_noise, scalars_device, supports, to_device
 from stages.errors import InvalidParameter
 from stages.images import to_pil
 from stages.params import MAX_STEPS
@@ -52,7 +52,6 @@ class DenoisingStage(WithInvariance, ABC):
     """A diffusers UNet stage; it implements `stages.family.StepEngine`."""
 
     latent = False  # its samples are VAE latents, decoded when a task finishes (`_decode`)
-    finish_apart = True  # a stage loop on a thread of its own finishes tasks beside the step (stages/stage_loop.py)
 
     def __init__(self, pipe: DiffusionPipeline, batch_invariant: bool | str = True, name: str = "stage"):
         self.name = name  # the stage's name in its family: the prefix of its request parameters
@@ -85,32 +84,26 @@ class DenoisingStage(WithInvariance, ABC):
         if uncond is None:
             return text
         key = ("guidance", text.device.type, text.dtype)
-        if self._vectorised.get(key) is False:
-            return self._guide_each(tasks, uncond, text)
-        together = uncond + _scales(tasks, text) * (text - uncond)
-        if key not in self._vectorised and len(tasks) > 1:
-            alone = self._guide_each(tasks, uncond, text)
-            if not self._checked(key, together, alone):
-                return alone
-        return together
-
-    @staticmethod
-    def _guide_each(tasks: list[Task], uncond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Guidance task by task, with each Python scale, as the reference computes it."""
-        return torch.cat(
-            [
-                u + t.request.guidance_scale * (x - u)
-                for t, u, x in zip(tasks, uncond.split(1), text.split(1), strict=True)
-            ]
-        )
+        if key not in self._vectorised:
+            self._checked(key, *_guidance_both_ways(text))
+        if not self._vectorised[key]:
+            return _guided([t.request.guidance_scale for t in tasks], uncond, text)
+        return uncond + _scales(tasks, text) * (text - uncond)
 
     def _checked(self, key: tuple, together: torch.Tensor, alone: torch.Tensor) -> bool:
         """The first time a vectorised computation runs on this device and dtype, it must give the
         per-task results bit for bit; if not, this engine computes that part task by task from now on."""
         self._vectorised[key] = same = _same_bits(together, alone)
         if not same:
-            log.warning("%s: %s run as one differs from task by task on %s %s: task by task", self.name, *key)
+            log.warning("%s: %s run as one differs from task by task (%s): task by task", self.name, key[0], key[1:])
         return same
+
+    @property
+    def finish_apart(self) -> bool:
+        """Whether a stage loop on a thread of its own may finish tasks beside the step
+        (stages/stage_loop.py): not under model CPU offload, whose hooks would move the UNet off the
+        device while it steps, when the VAE is called."""
+        return not getattr(self.pipe, "_all_hooks", None)
 
     @torch.inference_mode()
     def finish(self, task: Task) -> StageOutput:
@@ -201,8 +194,12 @@ class DenoisingStage(WithInvariance, ABC):
             for t, out in zip(tasks, model_outputs, strict=True)
             if t.prev_timesteps is not None
         ]
-        key = ("scheduler step", tasks[0].sample.device.type, tasks[0].sample.dtype)
-        if len(tasks) < 2 or len(steps) < len(tasks) or self._vectorised.get(key) is False or not supports(steps):
+        if len(tasks) < 2 or len(steps) < len(tasks) or not supports(steps):
+            return False
+        # Checked per device and dtype, and per place of the scalars (an edit's sit on the device).
+        where = scalars_device(tasks[0].scheduler).type
+        key = ("scheduler step", tasks[0].sample.device.type, tasks[0].sample.dtype, f"scalars on {where}")
+        if self._vectorised.get(key) is False:
             return False
         states = [t.generator.get_state() for t in tasks]
         alone = None if key in self._vectorised else self._steps_alone(tasks, model_outputs)
@@ -214,9 +211,17 @@ class DenoisingStage(WithInvariance, ABC):
             raise
         if alone is not None and not self._checked(key, samples, alone):
             samples = alone  # the same draws were made: the generators are where the reference leaves them
+        # Every new sample is made before any task changes, so a raise here also leaves them as they were.
+        try:
+            new = [self._blended(task, sample) for task, sample in zip(tasks, samples.split(1), strict=True)]
+        except BaseException:
+            for task, state in zip(tasks, states, strict=True):
+                task.generator.set_state(state)
+            raise
         self.batched_steps += 1
-        for task, sample in zip(tasks, samples.split(1), strict=True):
-            self._advanced(task, sample)
+        for task, sample in zip(tasks, new, strict=True):
+            task.sample = sample
+            task.step_index += 1
         return True
 
     def _steps_alone(self, tasks: list[Task], model_outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -230,11 +235,15 @@ class DenoisingStage(WithInvariance, ABC):
         return torch.cat(samples)
 
     def _advanced(self, task: Task, sample: torch.Tensor) -> None:
-        if task.mask is None:
-            task.sample = sample
-        else:  # inpainting: outside the mask x_t stays what it was (diffusers' inpainting pipelines)
-            task.sample = (1 - task.mask) * task.sample + task.mask * sample
+        task.sample = self._blended(task, sample)
         task.step_index += 1
+
+    @staticmethod
+    def _blended(task: Task, sample: torch.Tensor) -> torch.Tensor:
+        if task.mask is None:
+            return sample
+        # inpainting: outside the mask x_t stays what it was (diffusers' inpainting pipelines)
+        return (1 - task.mask) * task.sample + task.mask * sample
 
     def step(self, tasks: list[Task]) -> None:
         outputs = self.predict(tasks)
@@ -407,6 +416,21 @@ class DenoisingStage(WithInvariance, ABC):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise InvalidParameter("image", f"{self.name} expects a (1, {channels}, H, W) tensor, got {shape}")
         return image
+
+
+def _guided(scales: list[float], uncond: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance row by row, each with its Python scale: the reference's arithmetic."""
+    return torch.cat([u + g * (x - u) for g, u, x in zip(scales, uncond.split(1), text.split(1), strict=True)])
+
+
+def _guidance_both_ways(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guidance on made-up rows of `like`'s dtype and device, with scales no float16 holds exactly, run
+    as one and row by row: whether this device rounds a column of scales as it rounds a Python scale."""
+    scales = [7.3, 4.1, 1.7, 13.37]
+    g = torch.Generator().manual_seed(0)
+    uncond, text = (to_device(torch.randn(4, 3, 8, 8, generator=g), like.device).to(like.dtype) for _ in range(2))
+    column = torch.tensor(scales, dtype=torch.float64).to(like.dtype).view(-1, 1, 1, 1)
+    return uncond + to_device(column, like.device) * (text - uncond), _guided(scales, uncond, text)
 
 
 def _scales(tasks: list[Task], like: torch.Tensor) -> torch.Tensor:

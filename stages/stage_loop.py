@@ -184,6 +184,11 @@ class StageLoop:
             self._thread.join(timeout=10)
         if self._finisher is not None:
             self._finisher.shutdown(wait=False, cancel_futures=True)
+        # Whoever still waits (a finish cancelled above, or one whose answer no thread will read) is told.
+        self._drain()
+        failure = StageFailure(self.name, "replica", "its engine loop was stopped")
+        for request_id in list(self._callers):
+            self._resolve(request_id, error=failure)
 
     def _post(self, message: tuple) -> None:
         self._inbox.put(message)
@@ -323,7 +328,10 @@ class StageLoop:
 
     def _finish_apart(self, task: ScheduledTask) -> None:
         """On the finisher's thread: the task's output, posted back to the loop's thread to answer."""
-        output, error = self.executor.finish(task)
+        try:
+            output, error = self.executor.finish(task)
+        except BaseException as err:  # noqa: BLE001 - the caller must hear of it whatever it was
+            output, error = None, StageFailure(self.name, "finishing", f"{type(err).__name__}: {err}")
         self._post(("finished", task, output, error, time.perf_counter()))
 
     def _finished(self, task: ScheduledTask, output: Any, error: BaseException | None, end: float) -> None:
@@ -359,8 +367,12 @@ class StageLoop:
     def _resolve(self, request_id: str, result: Any = None, error: BaseException | None = None) -> None:
         self._deadlines.pop(request_id, None)
         caller = self._callers.pop(request_id, None)
-        if caller is not None:
+        if caller is None:
+            return
+        try:
             caller.loop.call_soon_threadsafe(_settle, caller.future, result, error)
+        except RuntimeError:  # its event loop is closed: no one is left to answer
+            pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

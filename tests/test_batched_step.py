@@ -107,6 +107,33 @@ def test_the_predecessors_are_those_the_scheduler_finds():
     assert previous_timesteps(scheduler, timesteps[2:]) == [int(scheduler.previous_timestep(t)) for t in timesteps[2:]]
 
 
+def test_tasks_whose_scalars_live_elsewhere_or_in_half_precision_on_a_cpu_step_alone():
+    """An edit's scheduler holds its alphas on the device after `add_noise`, and its own step then
+    computes with device scalars; a CPU multiplies half-precision tensors by a scalar's unrounded value.
+    Neither is stepped as one with the others."""
+    pairs = _tasks(*SCHEDULERS["if-stage1"], seed=0, n=3)
+    tasks = [task for task, _ in pairs]
+    assert supports(tasks)
+    moved = copy.deepcopy(tasks[1].scheduler)
+    moved.alphas_cumprod = moved.alphas_cumprod.to("meta")
+    assert not supports(
+        [
+            tasks[0],
+            StepTask(moved, *(getattr(tasks[1], f) for f in ("t", "prev_t", "sample", "model_output", "generator"))),
+        ]
+    )
+    half = [StepTask(t.scheduler, t.t, t.prev_t, t.sample.half(), t.model_output.half(), t.generator) for t in tasks]
+    assert not supports(half)
+
+
+def test_a_half_precision_cpu_stage_guides_task_by_task():
+    """The guidance check uses scales float16 cannot hold: on a CPU, half precision differs row by row."""
+    from stages.engine import _guidance_both_ways, _same_bits
+
+    assert _same_bits(*_guidance_both_ways(torch.zeros(1)))
+    assert not _same_bits(*_guidance_both_ways(torch.zeros(1, dtype=torch.float16)))
+
+
 def test_a_scheduler_it_does_not_know_is_stepped_task_by_task():
     from diffusers import EulerDiscreteScheduler
 
@@ -173,7 +200,10 @@ def test_a_step_of_four_tasks_reads_nothing_on_the_host_and_steps_their_schedule
     try:
         engine.step(engine.admit(_requests(cascade, 2)))  # the first batched step checks itself, once
         checked = dict(engine._vectorised)
-        assert checked == {("guidance", "cpu", torch.float32): True, ("scheduler step", "cpu", torch.float32): True}
+        assert checked == {
+            ("guidance", "cpu", torch.float32): True,
+            ("scheduler step", "cpu", torch.float32, "scalars on cpu"): True,
+        }
         tasks = engine.admit(_requests(cascade, 4))
         batched, calls["step"] = engine.batched_steps, 0
         with HostReads() as hooks:
@@ -301,7 +331,7 @@ def test_a_vectorised_part_that_differs_on_a_device_is_run_task_by_task_from_the
     monkeypatch.setattr("stages.engine.batched_step", off_by_a_bit)
     monkeypatch.setattr(engine, "_vectorised", {})
     together = engine.run(_requests(cascade, 3, steps=2))
-    assert engine._vectorised[("scheduler step", "cpu", torch.float32)] is False
+    assert engine._vectorised[("scheduler step", "cpu", torch.float32, "scalars on cpu")] is False
     for a, b in zip(together, expected, strict=True):
         assert torch.equal(a.image, b.image)
 

@@ -212,3 +212,20 @@ def test_read_edit_refuses_a_mask_of_another_size_and_a_non_square_image():
     assert err.value.param == "image"
     edit = read_edit(png(picture().convert("RGBA")), png(alpha_mask()))
     assert edit.image.mode == "RGB" and edit.mask.mode == "L"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: none on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if torch.cuda.is_available() else [None])
+def test_on_cuda_edits_sharing_steps_with_text_to_image_equal_each_alone(tiny_checkpoints, dtype):
+    """On a GPU an edit's scheduler holds its scalars on the device (`add_noise` moves them): edits and a
+    text-to-image request stepped together still give each request's own bits."""
+    from stages.cascade import Cascade
+
+    cuda = Cascade.from_checkpoints(tiny_checkpoints, device="cuda", torch_dtype=dtype)
+    requests = [GenerationParams(prompt="a lighthouse at dusk", seed=21, **FAST), *(p for p, _, _ in CASES)]
+    edits = [None, *(EditImages(image, mask) for _, image, mask in CASES)]
+    together = cuda.generate_many(requests, edits=edits, max_batch_size=8)
+    for params, edit, result in zip(requests, edits, together, strict=True):
+        alone = cuda.generate(params, edit)
+        for size, tensor in alone.tensors.items():
+            assert torch.equal(tensor, result.tensors[size]), (size, params.seed)
